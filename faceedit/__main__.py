@@ -1,0 +1,5 @@
+import sys
+
+from faceedit.cli import main
+
+sys.exit(main())
