@@ -209,3 +209,17 @@ def test_onnx_export_dynamic_batch(parser, tmp_path):
         clear = (top2[:, 0] - top2[:, 1] > 1e-3).numpy()
         assert clear.mean() > 0.9
         assert np.array_equal(labels[clear], ref_labels.numpy()[clear])
+
+
+def test_width_divisor_keeps_keys_and_shrinks_weights():
+    from faceedit.nets.bisenet import BiSeNet, BiSeNetConfig
+    full = BiSeNet(BiSeNetConfig()).state_dict()
+    small = BiSeNet(BiSeNetConfig(width_divisor=4)).state_dict()
+    assert list(full) == list(small)
+    n_full = sum(v.numel() for v in full.values())
+    n_small = sum(v.numel() for v in small.values())
+    assert n_small * 12 < n_full
+    out = BiSeNet(BiSeNetConfig(width_divisor=4)).eval()(torch.zeros(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in out] == [(2, 19, 32, 32)] * 3
+    with pytest.raises(ValueError, match="width_divisor"):
+        BiSeNetConfig(width_divisor=3)

@@ -44,8 +44,14 @@ class BiSeNetConfig:
     # the normalisation the checkpoint was trained with (ToTensor + Normalize)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # every channel count of the reference divided by this (1 = the published 79999_iter.pth
+    # widths). Our own default parser uses 4: the same architecture and key names at 1/16
+    # of the weights, so the default bundle stays within its size budget.
+    width_divisor: int = 1
 
     def __post_init__(self) -> None:
+        if self.width_divisor not in (1, 2, 4, 8):
+            raise ValueError(f"BiSeNetConfig.width_divisor must be one of 1, 2, 4, 8, got {self.width_divisor}")
         if self.n_classes < 1:
             raise ValueError(f"BiSeNetConfig.n_classes must be >= 1, got {self.n_classes}")
         if len(self.class_names) != self.n_classes:
@@ -94,15 +100,16 @@ def _basic_layer(in_chan: int, out_chan: int, stride: int) -> nn.Sequential:
 class Resnet18(nn.Module):
     """ResNet-18 trunk returning the 1/8, 1/16 and 1/32 features (no classifier head)."""
 
-    def __init__(self):
+    def __init__(self, div: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        c64, c128, c256, c512 = 64 // div, 128 // div, 256 // div, 512 // div
+        self.conv1 = nn.Conv2d(3, c64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c64)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = _basic_layer(64, 64, 1)
-        self.layer2 = _basic_layer(64, 128, 2)
-        self.layer3 = _basic_layer(128, 256, 2)
-        self.layer4 = _basic_layer(256, 512, 2)
+        self.layer1 = _basic_layer(c64, c64, 1)
+        self.layer2 = _basic_layer(c64, c128, 2)
+        self.layer3 = _basic_layer(c128, c256, 2)
+        self.layer4 = _basic_layer(c256, c512, 2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
@@ -132,14 +139,15 @@ class AttentionRefinementModule(nn.Module):
 
 
 class ContextPath(nn.Module):
-    def __init__(self):
+    def __init__(self, div: int = 1):
         super().__init__()
-        self.resnet = Resnet18()
-        self.arm16 = AttentionRefinementModule(256, 128)
-        self.arm32 = AttentionRefinementModule(512, 128)
-        self.conv_head32 = ConvBNReLU(128, 128, ks=3, stride=1, padding=1)
-        self.conv_head16 = ConvBNReLU(128, 128, ks=3, stride=1, padding=1)
-        self.conv_avg = ConvBNReLU(512, 128, ks=1, stride=1, padding=0)
+        c128, c256, c512 = 128 // div, 256 // div, 512 // div
+        self.resnet = Resnet18(div)
+        self.arm16 = AttentionRefinementModule(c256, c128)
+        self.arm32 = AttentionRefinementModule(c512, c128)
+        self.conv_head32 = ConvBNReLU(c128, c128, ks=3, stride=1, padding=1)
+        self.conv_head16 = ConvBNReLU(c128, c128, ks=3, stride=1, padding=1)
+        self.conv_avg = ConvBNReLU(c512, c128, ks=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feat8, feat16, feat32 = self.resnet(x)
@@ -182,11 +190,12 @@ class BiSeNet(nn.Module):
     def __init__(self, config: BiSeNetConfig):
         super().__init__()
         self.config = config
-        self.cp = ContextPath()
-        self.ffm = FeatureFusionModule(256, 256)
-        self.conv_out = BiSeNetOutput(256, 256, config.n_classes)
-        self.conv_out16 = BiSeNetOutput(128, 64, config.n_classes)
-        self.conv_out32 = BiSeNetOutput(128, 64, config.n_classes)
+        div = config.width_divisor
+        self.cp = ContextPath(div)
+        self.ffm = FeatureFusionModule(256 // div, 256 // div)
+        self.conv_out = BiSeNetOutput(256 // div, 256 // div, config.n_classes)
+        self.conv_out16 = BiSeNetOutput(128 // div, 64 // div, config.n_classes)
+        self.conv_out32 = BiSeNetOutput(128 // div, 64 // div, config.n_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         assert_shape(x, [None, 3, None, None], "image")
