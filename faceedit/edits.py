@@ -512,3 +512,79 @@ class DirectionSet:
             raise ValueError(
                 f"directions do not fit the generator (n_latent={n_latent}, style_dim={style_dim}):\n  " + "\n  ".join(problems)
             )
+
+
+# --------------------------------------------------------------------------------------------
+# Image2StyleGAN latent algebra (Abdal et al., "Image2StyleGAN: How to Embed Images Into the
+# StyleGAN Latent Space?", ICCV 2019, sec. 6): morphing, style transfer by layer crossover
+# and expression transfer, all on embedded W+ codes. A code is [L, D] (one face) or
+# [N, L, D] (a batch); the result is float32 and the inputs are not modified.
+
+
+def _code(value, name: str) -> np.ndarray:
+    arr = _finite_array(value, name, (2, 3))
+    if any(size < 1 for size in arr.shape):
+        raise ValueError(f"{name}: every dim must be >= 1, got shape {list(arr.shape)}")
+    return arr
+
+
+def _reference_for(value, name: str, like: np.ndarray, like_name: str) -> np.ndarray:
+    """A second code that acts on `like`: the same shape, or one [L, D] face for all samples."""
+    arr = _code(value, name)
+    if arr.shape != like.shape and arr.shape != like.shape[-2:]:
+        raise ValueError(f"{name}: shape {list(arr.shape)} must equal {like_name}'s {list(like.shape)} "
+                         f"or be one code {list(like.shape[-2:])}")
+    return arr
+
+
+def interpolate(wa, wb, n_frames: int) -> np.ndarray:
+    """Morphing: (1 - t) * wa + t * wb for n_frames values of t evenly spaced in [0, 1]
+    (linear in W+, as the paper's embedded-image morphs). wa, wb: the same shape, [L, D] or
+    [N, L, D]. Returns [n_frames, *shape]; the first frame is wa and the last wb, exactly."""
+    a = _code(wa, "wa")
+    b = _code(wb, "wb")
+    if a.shape != b.shape:
+        raise ValueError(f"wb: shape {list(b.shape)} must equal wa's {list(a.shape)}")
+    if isinstance(n_frames, bool) or not isinstance(n_frames, (int, np.integer)) or n_frames < 2:
+        raise ValueError(f"n_frames: must be an int >= 2 (the two ends included), got {n_frames!r}")
+    t = np.linspace(0.0, 1.0, int(n_frames)).reshape((-1,) + (1,) * a.ndim)
+    # (1 - t) * a + t * b rather than a + t * (b - a): both ends come out exact
+    frames = (1.0 - t) * a.astype(np.float64)[None] + t * b.astype(np.float64)[None]
+    return frames.astype(np.float32)
+
+
+def crossover(wa, wb, split_layer: int) -> np.ndarray:
+    """Style transfer by layer crossover: W+ layers [0, split_layer) from wa (coarse: pose,
+    face shape), [split_layer, L) from wb (fine: colours, texture, lighting). wa [L, D] or
+    [N, L, D]; wb the same shape or one [L, D] code for every sample. split_layer in [1, L-1]
+    so that both codes contribute."""
+    a = _code(wa, "wa")
+    b = _reference_for(wb, "wb", a, "wa")
+    n_latent = a.shape[-2]
+    if isinstance(split_layer, bool) or not isinstance(split_layer, (int, np.integer)) \
+            or not 1 <= split_layer <= n_latent - 1:
+        raise ValueError(f"split_layer: must be an int in [1, {n_latent - 1}], got {split_layer!r}")
+    out = a.astype(np.float32, copy=True)
+    out[..., int(split_layer):, :] = np.broadcast_to(b, a.shape)[..., int(split_layer):, :]
+    return out
+
+
+def expression_transfer(wa, wb_expression, wb_neutral, layers: tuple[int, int] | None = None,
+                        strength: float = 1.0) -> np.ndarray:
+    """Expression transfer: wa + strength * (wb_expression - wb_neutral) on W+ layers
+    [start, stop) (all layers when None). The difference of one person's expressive and
+    neutral codes carries the expression without the identity. wa [L, D] or [N, L, D]; the
+    references the same shape or one [L, D] code each."""
+    a = _code(wa, "wa")
+    expressive = _reference_for(wb_expression, "wb_expression", a, "wa")
+    neutral = _reference_for(wb_neutral, "wb_neutral", a, "wa")
+    if expressive.shape != neutral.shape:
+        raise ValueError(f"wb_neutral: shape {list(neutral.shape)} must equal wb_expression's {list(expressive.shape)}")
+    start, stop = check_layers(layers, a.shape[-2])
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(strength):
+        raise ValueError(f"strength: must be a finite number, got {strength!r}")
+    delta = np.broadcast_to(expressive.astype(np.float64) - neutral.astype(np.float64), a.shape)
+    out = a.astype(np.float32, copy=True)
+    out[..., start:stop, :] += (float(strength) * delta[..., start:stop, :]).astype(np.float32)
+    return out
