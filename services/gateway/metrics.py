@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # seconds; from cheap cached edits (~10 ms) to long optimization jobs (minutes)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-STAGES = ("decode", "align", "invert", "edit", "synthesize", "fuse", "paste", "encode")
+# "mapping" is Generate's seed -> w (the mapping network), the counterpart of "invert"
+STAGES = ("decode", "align", "invert", "mapping", "edit", "synthesize", "fuse", "paste", "encode")
 
 
 class GatewayMetrics:

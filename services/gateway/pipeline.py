@@ -1,0 +1,920 @@
+"""The request path of every RPC, one function each, readable top to bottom:
+
+    decode -> detect + align -> invert -> edit -> synthesize -> fuse -> paste back -> encode
+
+Each stage is timed into the response (`StageTiming`) and the stage histogram. The pipeline
+talks to the networks only through `Backend.infer` (embedded onnxruntime or Triton: it does
+not know which) with the time left of the request's deadline.
+
+Editing methods live in one table, `METHODS` (EditMethod -> MethodSpec). A method validates
+the request into an `EditPlan` before any pixel is decoded, and the plan's `apply` turns W+
+codes into edited codes plus a style-space offset. The optimization methods (OPTIMIZATION,
+STYLE_INTERVENTION, MASKED_OPTIMIZATION) plug in here with their model ("refine"); until a
+method is in the table (and its models in the model set) ListEditors does not list it and
+Edit answers UNIMPLEMENTED.
+
+Face photos are personal data: nothing here logs or stores pixels; the inversion cache keeps
+latents only, in memory.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import numpy as np
+from PIL import Image
+
+from faceedit import edits as algebra
+from faceedit.client import latent_message
+from faceedit.modelset import DirectionSpec, Manifest
+from faceedit.v1 import faceedit_pb2 as pb
+from services.gateway import align, fuse, paste
+from services.gateway.backends import Backend
+from services.gateway.cache import InversionCache, image_digest
+from services.gateway.config import GatewayConfig
+from services.gateway.decode import ImageError, decode_image, encode_image
+from services.gateway.errors import DeadlineExceeded, InvalidArgument, NoFace, Unimplemented
+from services.gateway.metrics import STAGES, GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+# |value| bound for latents sent by clients: real W/W+ codes are within a few tens; a huge
+# finite value would overflow to inf inside synthesis and come back as a black image.
+MAX_LATENT_ABS = 1000.0
+# Strength range of directions with no calibrated attribute (GANSpace/SeFa components), in
+# units of the direction's `scale` (for GANSpace: standard deviations of w along it).
+UNSUPERVISED_RANGE = (-10.0, 10.0)
+# |strength| bound of one StyleSpace channel edit (raw style units; style values are O(1)).
+MAX_STYLE_STRENGTH = 50.0
+DEFAULT_TRUNCATION = 0.7
+DEFAULT_FUSION_WEIGHT = 0.5
+DEFAULT_QUALITY = 95
+# frames synthesized per backend call in Interpolate: bounds the memory of one call
+SYNTHESIS_BATCH = 4
+# parser classes an expression lives in (fusion keeps hair, ears, neck, clothes, background)
+EXPRESSION_REGIONS = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "nose", "mouth", "u_lip", "l_lip")
+FORMATS = {
+    pb.IMAGE_FORMAT_UNSPECIFIED: "PNG", pb.IMAGE_FORMAT_PNG: "PNG",
+    pb.IMAGE_FORMAT_JPEG: "JPEG", pb.IMAGE_FORMAT_WEBP: "WEBP",
+}
+
+ProgressSink = Callable[[pb.Progress], Awaitable[None]]
+
+
+# ---------------------------------------------------------------------------------------
+# per-request state
+
+
+class RequestLog(logging.LoggerAdapter):
+    """Puts the request id in front of every line logged about a call."""
+
+    def process(self, msg, kwargs):
+        return f"[{self.extra['request_id']}] {msg}", kwargs
+
+
+class Call:
+    """One request in flight: its id, deadline, stage timings and progress sink.
+
+    `deadline` is a time.monotonic() value; the servicer derives it from the gRPC deadline
+    (or the server's default timeout), and every backend call gets the time left of it.
+    """
+
+    def __init__(self, request_id: str, deadline: float, metrics: GatewayMetrics,
+                 progress: ProgressSink | None = None) -> None:
+        self.request_id = request_id
+        self.deadline = deadline
+        self.metrics = metrics
+        self.progress = progress
+        self.timings: list[pb.StageTiming] = []
+        self.total_steps = 0
+        self.started = time.monotonic()
+        self.log = RequestLog(log, {"request_id": request_id})
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("deadline exceeded")
+        return left
+
+    @contextlib.asynccontextmanager
+    async def stage(self, name: str):
+        if name not in STAGES:  # stage names are metric labels: a fixed, small set
+            raise ValueError(f"unknown stage {name!r}; stages are {STAGES}")
+        self.remaining()
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self.timings.append(pb.StageTiming(stage=name, ms=seconds * 1000.0))
+        self.metrics.stage_latency.labels(name).observe(seconds)
+        await self.report(pb.Progress(step=len(self.timings), total_steps=self.total_steps, stage=name,
+                                      elapsed_ms=self.elapsed_ms()))
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000.0
+
+    async def report(self, progress: pb.Progress) -> None:
+        """Send progress to an EditStream client (nothing for unary calls). Long-running
+        methods (optimization) report their steps, loss and previews through this."""
+        if self.progress is not None:
+            await self.progress(progress)
+
+
+# ---------------------------------------------------------------------------------------
+# methods
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """A validated edit. apply(wplus [N, L, D], call) -> (edited [N, L, D], style_delta [N, S])."""
+
+    apply: Callable[[np.ndarray, Call], Awaitable[tuple[np.ndarray, np.ndarray]]]
+    # parser classes the edit may change, for the fuse stage; () = the whole aligned face
+    regions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    description: str
+    paper: str
+    needs_optimization: bool
+    models: tuple[str, ...]                                    # needed besides synthesis
+    direction_kind: str                                        # manifest directions it needs ("" = none)
+    plan: Callable[["Pipeline", pb.EditRequest], EditPlan]     # validates; raises InvalidArgument
+
+
+def method_name(value: int) -> str:
+    return pb.EditMethod.Name(value).removeprefix("EDIT_METHOD_")
+
+
+# ---------------------------------------------------------------------------------------
+# helpers: tensors, latents, images
+
+
+def to_tensor(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, size, size] in [-1, 1] (the serving contract)."""
+    if img.shape[0] != size or img.shape[1] != size:
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
+    return img.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def to_image(tensor: np.ndarray, size: int) -> np.ndarray:
+    """float32 [3, H, W] in [-1, 1] -> uint8 [size, size, 3]."""
+    img = np.clip(np.rint((tensor.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    if img.shape[0] != size:
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
+    return img
+
+
+def shown(text: str) -> str:
+    """A client's string for an error message: quoted, and cut short (details travel in a
+    gRPC header, and a hostile megabyte name must not be echoed back)."""
+    return repr(text if len(text) <= 64 else text[:64] + "...")
+
+
+def read_latent(latent: pb.Latent, field: str, manifest: Manifest, spaces: tuple[int, ...]) -> np.ndarray:
+    """A client's Latent -> float32 array, or InvalidArgument naming the field and the limit.
+    W is returned as [D], W_PLUS as [L, D], S as [S]."""
+    if latent.generator_id != manifest.generator_id:
+        raise InvalidArgument(f"{field}.generator_id", f"is {shown(latent.generator_id)}; this deployment serves "
+                              f"generator {manifest.generator_id!r} (a latent only fits the generator that made it)")
+    expected = {
+        pb.LATENT_SPACE_W: [manifest.style_dim],
+        pb.LATENT_SPACE_W_PLUS: [manifest.n_latent, manifest.style_dim],
+        pb.LATENT_SPACE_S: [manifest.style_total],
+    }
+    if latent.space not in spaces:
+        given = pb.LatentSpace.Name(latent.space) if latent.space in pb.LatentSpace.values() else latent.space
+        raise InvalidArgument(f"{field}.space", f"is {given}; allowed here: {[pb.LatentSpace.Name(s) for s in spaces]}")
+    shape = list(latent.shape)
+    if shape != expected[latent.space]:
+        given = shape if len(shape) <= 4 else f"{len(shape)} dims"
+        raise InvalidArgument(f"{field}.shape", f"is {given}; {pb.LatentSpace.Name(latent.space)} latents of this "
+                              f"generator have shape {expected[latent.space]}")
+    count = math.prod(shape)
+    if len(latent.data) != 4 * count:
+        raise InvalidArgument(f"{field}.data", f"has {len(latent.data)} bytes; shape {shape} of float32 needs {4 * count}")
+    arr = np.frombuffer(latent.data, dtype="<f4").reshape(shape).astype(np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise InvalidArgument(f"{field}.data", f"has {int(arr.size - finite.sum())} NaN/inf values; all must be finite")
+    if np.abs(arr).max() > MAX_LATENT_ABS:
+        raise InvalidArgument(f"{field}.data", f"has values of magnitude {float(np.abs(arr).max()):.3g}; limit {MAX_LATENT_ABS:g}")
+    return arr
+
+
+def read_wplus(latent: pb.Latent, field: str, manifest: Manifest) -> np.ndarray:
+    """W or W_PLUS latent -> [L, D] (a W code repeats on every layer)."""
+    arr = read_latent(latent, field, manifest, (pb.LATENT_SPACE_W, pb.LATENT_SPACE_W_PLUS))
+    return np.broadcast_to(arr, (manifest.n_latent, manifest.style_dim)).copy() if arr.ndim == 1 else arr
+
+
+def check_strength(value: float, field: str, low: float, high: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(field, f"must be finite, got {value}")
+    if not low <= value <= high:
+        raise InvalidArgument(field, f"{value:g} is outside [{low:g}, {high:g}] for {what}")
+    return float(value)
+
+
+def check_layers(layers: pb.LayerRange, field: str, n_latent: int) -> tuple[int, int]:
+    try:
+        return algebra.check_layers((layers.start, layers.stop), n_latent, field)
+    except ValueError as exc:
+        raise InvalidArgument(field, str(exc).removeprefix(f"{field}: ")) from None
+
+
+class AlignerLoader:
+    """dlib's detector and landmark model, loaded once in a worker thread: at server start
+    (warm-up, so the first photo does not wait ~2 s) or on first use, whichever comes first."""
+
+    def __init__(self, config: align.AlignerConfig, ready: align.FaceAligner | None = None) -> None:
+        self._config = config
+        self._ready = ready
+        self._loading: asyncio.Future | None = None
+
+    def loaded(self) -> bool:
+        return self._ready is not None
+
+    async def get(self) -> align.FaceAligner:
+        if self._ready is None:
+            if self._loading is None:
+                self._loading = asyncio.ensure_future(asyncio.to_thread(align.FaceAligner, self._config))
+            # shield: a cancelled request must not cancel the load other requests wait for
+            self._ready = await asyncio.shield(self._loading)
+        return self._ready
+
+
+@dataclass(frozen=True, eq=False)
+class AlignedPhotoFace:
+    """One selected face of a decoded photo."""
+
+    face: align.Face
+    aligned: align.AlignedFace        # crop at the generator's resolution
+    key: tuple                        # inversion-cache key
+
+
+@dataclass(frozen=True, eq=False)
+class InvertedPhoto:
+    photo: np.ndarray                 # uint8 [H, W, 3], upright
+    faces: list[AlignedPhotoFace]     # largest first
+    wplus: np.ndarray                 # [N, L, D], one code per face
+    cached: bool                      # every code came from the inversion cache
+
+
+def face_message(index: int, item: AlignedPhotoFace) -> pb.Face:
+    left, top, right, bottom = item.face.box
+    return pb.Face(
+        box=pb.Box(left=left, top=top, right=right, bottom=bottom),
+        landmarks=[pb.Point(x=float(x), y=float(y)) for x, y in item.face.landmarks],
+        transform=pb.AlignTransform(matrix=[float(v) for v in item.aligned.matrix[:2].ravel()],
+                                    crop_size=int(item.aligned.image.shape[0])),
+        index=index)
+
+
+@dataclass(frozen=True)
+class Output:
+    fmt: str
+    quality: int
+    full_photo: bool
+
+
+# ---------------------------------------------------------------------------------------
+# the pipeline
+
+
+class Pipeline:
+    def __init__(self, config: GatewayConfig, manifest: Manifest, backend: Backend,
+                 aligner: AlignerLoader, metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.manifest = manifest
+        self.backend = backend
+        self.metrics = metrics
+        self._aligner = aligner
+        self.cache = InversionCache(config.cache_entries)
+        self.layout = algebra.StyleLayout(manifest.style_layout)
+        self.directions = load_directions(config.model_set, manifest)
+        # the methods this model set can serve: it has every model a method needs, and the
+        # directions it edits along
+        kinds = {d.kind for d in manifest.directions}
+        self.methods = {m: spec for m, spec in METHODS.items()
+                        if all(model in manifest.models for model in ("synthesis", *spec.models))
+                        and (not spec.direction_kind or spec.direction_kind in kinds)}
+
+    # ---- Invert -------------------------------------------------------------------------
+
+    async def invert(self, request: pb.InvertRequest, call: Call) -> pb.InvertResponse:
+        call.total_steps = 3
+        faces = self._face_selection(request.faces, "faces")
+        inverted = await self._invert_photo(request.image, "image", faces, call)   # decode, align, invert
+        gid = self.manifest.generator_id
+        inversions = [pb.FaceInversion(face=face_message(i, item), latent=latent_message(w, gid, pb.LATENT_SPACE_W_PLUS))
+                      for i, (item, w) in enumerate(zip(inverted.faces, inverted.wplus))]
+        return pb.InvertResponse(latent=inversions[0].latent, faces=inversions, timings=call.timings,
+                                 request_id=call.request_id, cached=inverted.cached)
+
+    # ---- Edit (and EditStream) ----------------------------------------------------------
+
+    async def edit(self, request: pb.EditRequest, call: Call) -> pb.EditResponse:
+        source = request.WhichOneof("source")
+        if source is None:
+            raise InvalidArgument("source", "set either image or latent")
+        photo_source = source == "image"
+        spec = self._method(request.method)
+        plan = spec.plan(self, request)                  # every field validated before any work
+        output = self._output(request.output, "output", photo_source)
+        fusion_weight = self._fusion(request, photo_source)
+        faces = self._face_selection(request.faces, "faces")
+        base_style = self._style_offset(request)
+        synthesis = "synthesis_content" if fusion_weight is not None else self._synthesis_model(request.preview)
+        fuse_stage = photo_source and bool(plan.regions) and "parser" in self.manifest.models
+        # EditStream progress steps: edit, synthesize, encode; decode, align, invert for a
+        # photo; fuse when the edit has regions; paste for the full photo
+        call.total_steps = 3 + 3 * photo_source + fuse_stage + output.full_photo
+
+        photo: np.ndarray | None = None
+        selected: list[AlignedPhotoFace] = []
+        if photo_source:
+            inverted = await self._invert_photo(request.image, "image", faces, call)  # decode, align, invert
+            photo, selected, wplus = inverted.photo, inverted.faces, inverted.wplus
+        else:
+            wplus = read_wplus(request.latent, "latent", self.manifest)[None]
+
+        async with call.stage("edit"):
+            edited, style_delta = await plan.apply(wplus, call)
+            style_delta = style_delta + base_style[None]
+
+        async with call.stage("synthesize"):
+            inputs = {"wplus": edited, "style_delta": style_delta}
+            if fusion_weight is not None:  # the original's content features, fused into synthesis
+                inputs["content"] = await self._content([s.aligned.image for s in selected], call)
+                inputs["fusion_weight"] = np.full((len(edited), 1), fusion_weight, np.float32)
+            crops = await self._synthesize(synthesis, inputs, call)
+
+        if fuse_stage:
+            async with call.stage("fuse"):
+                crops = await self._fuse([s.aligned.image for s in selected], crops, plan.regions, call)
+
+        image = crops[0]
+        if output.full_photo:
+            async with call.stage("paste"):
+                image = await asyncio.to_thread(self._paste, photo, selected, crops)
+
+        async with call.stage("encode"):
+            data, mime = await asyncio.to_thread(encode_image, image, output.fmt, output.quality)
+
+        gid = self.manifest.generator_id
+        results = [pb.FaceResult(
+            face=face_message(i, selected[i]) if selected else None,
+            latent=latent_message(wplus[i], gid, pb.LATENT_SPACE_W_PLUS),
+            edited_latent=latent_message(edited[i], gid, pb.LATENT_SPACE_W_PLUS),
+            style_delta=latent_message(style_delta[i], gid, pb.LATENT_SPACE_S)) for i in range(len(edited))]
+        return pb.EditResponse(image=data, mime_type=mime, faces=results, timings=call.timings,
+                               request_id=call.request_id, width=image.shape[1], height=image.shape[0])
+
+    # ---- Generate -----------------------------------------------------------------------
+
+    async def generate(self, request: pb.GenerateRequest, call: Call) -> pb.GenerateResponse:
+        output = self._output(request.output, "output", False)
+        style_delta = self._style_offset(request)
+        synthesis = self._synthesis_model(request.preview)
+        source = request.WhichOneof("source")
+        call.total_steps = 3 if source == "seed" else 2
+
+        if source == "seed":
+            psi = check_strength(request.truncation if request.HasField("truncation") else DEFAULT_TRUNCATION,
+                                 "truncation", 0.0, 1.0, "the truncation psi")
+            self._require("mapping")
+            # numpy's seeded generator: the same seed gives the same face on every replica
+            z = np.random.default_rng(request.seed).standard_normal((1, self.manifest.z_dim)).astype(np.float32)
+            async with call.stage("mapping"):
+                w = (await self.infer("mapping", {"z": z, "truncation": np.full((1, 1), psi, np.float32)}, call))["w"]
+            wplus = np.repeat(w[:, None, :], self.manifest.n_latent, axis=1)
+        elif source == "latent":
+            if request.HasField("truncation"):
+                raise InvalidArgument("truncation", "applies to seeds only; a latent is synthesized as given")
+            wplus = read_wplus(request.latent, "latent", self.manifest)[None]
+        else:
+            raise InvalidArgument("source", "set either seed or latent")
+
+        async with call.stage("synthesize"):
+            crops = await self._synthesize(synthesis, {"wplus": wplus, "style_delta": style_delta[None]}, call)
+        async with call.stage("encode"):
+            data, mime = await asyncio.to_thread(encode_image, crops[0], output.fmt, output.quality)
+        return pb.GenerateResponse(image=data, mime_type=mime,
+                                   latent=latent_message(wplus[0], self.manifest.generator_id, pb.LATENT_SPACE_W_PLUS),
+                                   timings=call.timings, request_id=call.request_id)
+
+    # ---- Interpolate --------------------------------------------------------------------
+
+    async def interpolate(self, request: pb.InterpolateRequest, call: Call) -> pb.InterpolateResponse:
+        output = self._output(request.output, "output", False)
+        n = request.n_frames
+        if not 2 <= n <= self.config.max_frames:
+            raise InvalidArgument("n_frames", f"is {n}; must be in [2, {self.config.max_frames}]")
+        call.total_steps = 3 + 3 * sum(1 for s in (request.start, request.end) if s.WhichOneof("source") == "image")
+
+        start = await self.source_wplus(request.start, "start", call)
+        end = await self.source_wplus(request.end, "end", call)
+
+        async with call.stage("edit"):
+            ts = np.linspace(0.0, 1.0, n, dtype=np.float32)
+            weights = layer_schedule(ts, self.manifest.n_latent) if request.layerwise \
+                else np.repeat(ts[:, None], self.manifest.n_latent, axis=1)
+            latents = (start[None] + weights[:, :, None] * (end - start)[None]).astype(np.float32)
+
+        async with call.stage("synthesize"):
+            frames = []
+            zeros = np.zeros((SYNTHESIS_BATCH, self.manifest.style_total), np.float32)
+            for i in range(0, n, SYNTHESIS_BATCH):
+                chunk = latents[i:i + SYNTHESIS_BATCH]
+                frames += await self._synthesize("synthesis", {"wplus": chunk, "style_delta": zeros[:len(chunk)]}, call)
+
+        async with call.stage("encode"):
+            encoded = await asyncio.to_thread(lambda: [encode_image(f, output.fmt, output.quality) for f in frames])
+        gid = self.manifest.generator_id
+        return pb.InterpolateResponse(
+            frames=[d for d, _ in encoded], mime_type=encoded[0][1],
+            latents=[latent_message(w, gid, pb.LATENT_SPACE_W_PLUS) for w in latents],
+            timings=call.timings, request_id=call.request_id)
+
+    # ---- ListEditors --------------------------------------------------------------------
+
+    def list_editors(self) -> pb.ListEditorsResponse:
+        m = self.manifest
+        limits = self.config.image_limits
+        return pb.ListEditorsResponse(
+            generator_id=m.generator_id, resolution=m.resolution, n_latent=m.n_latent, style_dim=m.style_dim,
+            methods=[pb.MethodInfo(name=method_name(k), method=k, description=s.description, paper=s.paper,
+                                   needs_optimization=s.needs_optimization) for k, s in sorted(self.methods.items())],
+            attributes=[pb.AttributeInfo(name=a.name, min=a.minimum, max=a.maximum, description=a.description,
+                                         regions=list(a.regions)) for a in m.attributes],
+            directions=[pb.DirectionInfo(name=d.name, kind=d.kind, attribute=d.attribute,
+                                         layers=pb.LayerRange(start=d.layers[0], stop=d.layers[1]))
+                        for d in m.directions],
+            style_layout=[pb.StyleLayer(name=name, channels=c) for name, c in m.style_layout],
+            limits=pb.Limits(max_image_bytes=limits.max_bytes, max_image_side=limits.max_side,
+                             max_image_pixels=limits.max_pixels, max_edits=self.config.max_edits,
+                             max_frames=self.config.max_frames, max_faces=self.config.max_faces))
+
+    # ---- stages -------------------------------------------------------------------------
+
+    async def _invert_photo(self, data: bytes, field: str, faces: int, call: Call) -> InvertedPhoto:
+        """decode -> detect + align -> invert, each a stage: a photo's `faces` largest faces
+        and their W+ codes."""
+        self._require("encoder")
+        async with call.stage("decode"):
+            photo = await self._decode(data, field)
+        async with call.stage("align"):
+            selected = await self._align(photo, data, faces)
+        async with call.stage("invert"):
+            wplus, cached = await self._invert(selected, call)
+        return InvertedPhoto(photo=photo, faces=selected, wplus=wplus, cached=cached)
+
+    async def _decode(self, data: bytes, field: str) -> np.ndarray:
+        try:
+            return await asyncio.to_thread(decode_image, data, self.config.image_limits)
+        except ImageError as exc:
+            raise InvalidArgument(field, exc.message) from None
+
+    async def _align(self, photo: np.ndarray, data: bytes, faces: int) -> list[AlignedPhotoFace]:
+        """Detect faces (largest first), keep `faces` of them, FFHQ-align each at the
+        generator's resolution."""
+        aligner = await self._aligner.get()
+        if min(photo.shape[:2]) < 2:  # the detector needs 2x2 pixels; no face fits in less
+            raise NoFace(f"no face found in the image ({photo.shape[1]}x{photo.shape[0]})")
+        detected = await asyncio.to_thread(aligner.detect, photo)
+        digest = image_digest(data)
+        selected = []
+        for face in detected:
+            if len(selected) == faces:
+                break
+            try:
+                aligned = await asyncio.to_thread(align.align, photo, face.landmarks, self.manifest.resolution)
+            except ValueError:  # degenerate landmarks, crop outside the photo: not a usable face
+                continue
+            selected.append(AlignedPhotoFace(face=face, aligned=aligned, key=(digest, face.box)))
+        if not selected:
+            raise NoFace(f"no face found in the image ({photo.shape[1]}x{photo.shape[0]}); "
+                         "send a photo with a clearly visible, roughly frontal face")
+        return selected
+
+    async def _invert(self, faces: list[AlignedPhotoFace], call: Call) -> tuple[np.ndarray, bool]:
+        """W+ codes [N, L, D] of aligned faces: from the cache, the rest in one encoder batch.
+        Returns (codes, whether all came from the cache)."""
+        codes: list[np.ndarray | None] = [self.cache.get(f.key) for f in faces]
+        missing = [i for i, c in enumerate(codes) if c is None]
+        self.metrics.cache_hits.inc(len(faces) - len(missing))
+        if missing:
+            self.metrics.cache_misses.inc(len(missing))
+            size = self.manifest.encoder_resolution or self.manifest.resolution
+            batch = np.stack([to_tensor(faces[i].aligned.image, size) for i in missing])
+            wplus = (await self.infer("encoder", {"image": batch}, call))["wplus"]
+            for i, w in zip(missing, wplus):
+                self.cache.put(faces[i].key, w)
+                codes[i] = w
+        return np.stack(codes).astype(np.float32), not missing
+
+    async def _synthesize(self, model: str, inputs: dict[str, np.ndarray], call: Call) -> list[np.ndarray]:
+        """Images (uint8 [R, R, 3]) from a synthesis model; a preview (R/4) is scaled up so
+        the later stages see one size."""
+        images = (await self.infer(model, inputs, call))["image"]
+        return await asyncio.to_thread(lambda: [to_image(t, self.manifest.resolution) for t in images])
+
+    async def _content(self, originals: list[np.ndarray], call: Call) -> np.ndarray:
+        """Content features [N, C, r, r] of the original aligned faces (the two-branch method)."""
+        batch = np.stack([to_tensor(o, self.manifest.resolution) for o in originals])
+        return (await self.infer("content_encoder", {"image": batch}, call))["content"]
+
+    async def _fuse(self, originals: list[np.ndarray], crops: list[np.ndarray], regions: tuple[str, ...],
+                    call: Call) -> list[np.ndarray]:
+        """Keep each edited crop only inside the edited attribute's parser regions (of the
+        original or the edited face) where it actually changed, with a feathered edge."""
+        size = self.manifest.parser_resolution or self.manifest.resolution
+        batch = np.stack([to_tensor(img, size) for img in (*originals, *crops)])
+        labels = (await self.infer("parser", {"image": batch}, call))["labels"]
+        classes = fuse.class_indices(regions)
+        res = self.manifest.resolution
+        # nearest-neighbour label lookup from parser resolution to crop resolution
+        idx = np.arange(res) * labels.shape[-1] // res
+
+        def blend_all() -> list[np.ndarray]:
+            out = []
+            for i, (orig, crop) in enumerate(zip(originals, crops)):
+                lo = labels[i][np.ix_(idx, idx)]
+                le = labels[len(originals) + i][np.ix_(idx, idx)]
+                mask = fuse.change_mask(lo, le, classes, diff=fuse.pixel_difference(orig, crop))
+                out.append(fuse.blend(orig, crop, fuse.feather(mask, max(1, res // 32))))
+            return out
+
+        return await asyncio.to_thread(blend_all)
+
+    @staticmethod
+    def _paste(photo: np.ndarray, faces: list[AlignedPhotoFace], crops: list[np.ndarray]) -> np.ndarray:
+        for item, crop in zip(faces, crops):
+            photo = paste.paste_back(photo, crop, item.aligned.matrix)
+        return photo
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], call: Call) -> dict[str, np.ndarray]:
+        self._require(model)
+        return await self.backend.infer(model, inputs, call.remaining())
+
+    async def source_wplus(self, source: pb.FaceSource, field: str, call: Call) -> np.ndarray:
+        """A FaceSource -> W+ [L, D]: a latent as given, a photo's largest face inverted."""
+        kind = source.WhichOneof("source")
+        if kind == "latent":
+            return read_wplus(source.latent, f"{field}.latent", self.manifest)
+        if kind != "image":
+            raise InvalidArgument(field, "set either image or latent")
+        return (await self._invert_photo(source.image, f"{field}.image", 1, call)).wplus[0]
+
+    # ---- request validation -------------------------------------------------------------
+
+    def _require(self, model: str, field: str = "") -> None:
+        if model not in self.manifest.models:
+            what = f"{field}: " if field else ""
+            raise Unimplemented(f"{what}this deployment's model set has no {model!r} model "
+                                f"(it has {sorted(self.manifest.models)})")
+
+    def _method(self, value: int) -> MethodSpec:
+        served = [method_name(k) for k in sorted(self.methods)]
+        if value == pb.EDIT_METHOD_UNSPECIFIED:
+            value = pb.EDIT_METHOD_DIRECTION
+        if value not in pb.EditMethod.values():
+            raise InvalidArgument("method", f"unknown method {value}; valid: {served}")
+        spec = self.methods.get(value)
+        if spec is None:
+            raise Unimplemented(f"method {method_name(value)} is not served by this deployment yet; served: {served}")
+        return spec
+
+    def _synthesis_model(self, preview: bool) -> str:
+        if preview:
+            self._require("synthesis_preview", "preview")
+            return "synthesis_preview"
+        return "synthesis"
+
+    def _style_offset(self, request: pb.EditRequest | pb.GenerateRequest) -> np.ndarray:
+        """The request's S offset [S] (from an earlier STYLESPACE edit); zeros when unset."""
+        if not request.HasField("style_delta"):
+            return np.zeros(self.manifest.style_total, np.float32)
+        return read_latent(request.style_delta, "style_delta", self.manifest, (pb.LATENT_SPACE_S,))
+
+    def _face_selection(self, value: int, field: str) -> int:
+        if value in (pb.FACE_SELECTION_UNSPECIFIED, pb.FACE_SELECTION_LARGEST):
+            return 1
+        if value == pb.FACE_SELECTION_ALL:
+            return self.config.max_faces
+        raise InvalidArgument(field, f"unknown face selection {value}; valid: {list(pb.FaceSelection.keys())}")
+
+    def _output(self, output: pb.OutputOptions, field: str, photo_source: bool) -> Output:
+        if output.format not in FORMATS:
+            raise InvalidArgument(f"{field}.format", f"unknown format {output.format}; valid: {list(pb.ImageFormat.keys())}")
+        quality = output.quality or DEFAULT_QUALITY
+        if not 1 <= quality <= 100:
+            raise InvalidArgument(f"{field}.quality", f"is {output.quality}; must be in [1, 100] (0 = default {DEFAULT_QUALITY})")
+        if output.region == pb.OUTPUT_REGION_FULL_PHOTO and not photo_source:
+            raise InvalidArgument(f"{field}.region", "FULL_PHOTO needs a photo source; a latent has only the aligned crop")
+        if output.region not in pb.OutputRegion.values():
+            raise InvalidArgument(f"{field}.region", f"unknown region {output.region}; valid: {list(pb.OutputRegion.keys())}")
+        full = photo_source and output.region != pb.OUTPUT_REGION_ALIGNED_CROP
+        return Output(fmt=FORMATS[output.format], quality=quality, full_photo=full)
+
+    def _fusion(self, request: pb.EditRequest, photo_source: bool) -> float | None:
+        """The content-fusion weight, or None when fusion is off."""
+        if not request.fusion.enabled:
+            return None
+        if not photo_source:
+            raise InvalidArgument("fusion.enabled", "content fusion needs a photo source (the content of the original)")
+        if request.preview:
+            raise InvalidArgument("preview", "cannot be combined with fusion.enabled (no preview content synthesis)")
+        self._require("synthesis_content", "fusion")
+        self._require("content_encoder", "fusion")
+        return check_strength(request.fusion.weight or DEFAULT_FUSION_WEIGHT, "fusion.weight", 0.0, 1.0, "the fusion weight")
+
+
+def layer_schedule(ts: np.ndarray, n_latent: int) -> np.ndarray:
+    """Layer-wise morph weights [T, L]: coarse layers (pose, face shape) move first and fine
+    layers (texture, colour) follow; layer l moves during its own window of the timeline,
+    windows staggered over the first/last half. Every layer is at 0 for t=0 and 1 for t=1."""
+    if n_latent == 1:
+        return ts[:, None].copy()
+    lag = 0.5 / (n_latent - 1)
+    starts = np.arange(n_latent) * lag
+    return np.clip((ts[:, None] - starts[None]) / 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def load_directions(root: Path, manifest: Manifest) -> algebra.DirectionSet:
+    """The model set's direction files, checked against the generator's W+ shape."""
+    table = {d.name: np.load(Path(root) / d.file, allow_pickle=False) for d in manifest.directions}
+    directions = algebra.DirectionSet(table)
+    directions.validate(manifest.n_latent, manifest.style_dim)
+    return directions
+
+
+# ---------------------------------------------------------------------------------------
+# method plans (validate the request, return how to apply it)
+
+
+def _no_style(n: int, p: "Pipeline") -> np.ndarray:
+    return np.zeros((n, p.manifest.style_total), np.float32)
+
+
+def _check_edit_count(request: pb.EditRequest, p: "Pipeline", needed: bool) -> None:
+    if len(request.edits) > p.config.max_edits:
+        raise InvalidArgument("edits", f"has {len(request.edits)} entries; limit {p.config.max_edits}")
+    if needed and not request.edits:
+        raise InvalidArgument("edits", f"is empty; {method_name(request.method or pb.EDIT_METHOD_DIRECTION)} needs at least one edit")
+
+
+def _check_options(request: pb.EditRequest, allowed: str | None) -> None:
+    which = request.WhichOneof("options")
+    if which is not None and which != allowed:
+        raise InvalidArgument(which, f"is set, but method {method_name(request.method or pb.EDIT_METHOD_DIRECTION)} "
+                              f"does not use it" + (f" (it takes {allowed})" if allowed else ""))
+
+
+def _no_keep(request: pb.EditRequest) -> None:
+    if request.keep:
+        raise InvalidArgument("keep", "conditional edits (keep) are only supported by method DIRECTION")
+
+
+def _direction_strength(p: "Pipeline", d: DirectionSpec, edit: pb.AttributeEdit, field: str) -> float:
+    if d.attribute:
+        a = p.manifest.attribute(d.attribute)
+        return check_strength(edit.strength, field, a.minimum, a.maximum, f"attribute {a.name!r}")
+    return check_strength(edit.strength, field, *UNSUPERVISED_RANGE, f"direction {d.name!r}")
+
+
+def _plan_directions(p: "Pipeline", request: pb.EditRequest, kinds: tuple[str, ...]) -> EditPlan:
+    """Linear W+ edits along directions of the given kinds (InterFaceGAN / GANSpace / SeFa):
+    w + strength * scale * direction on the edit's layer range."""
+    _check_edit_count(request, p, needed=True)
+    _check_options(request, None)
+    interfacegan = kinds == ("interfacegan",)
+    if not interfacegan:
+        _no_keep(request)
+    candidates = [d for d in p.manifest.directions if d.kind in kinds]
+
+    def find(name: str) -> DirectionSpec | None:
+        # an InterFaceGAN edit may name the attribute or the direction file's name
+        return next((d for d in candidates if d.name == name or (interfacegan and d.attribute == name)), None)
+
+    valid = sorted({d.attribute for d in candidates if interfacegan and d.attribute} | {d.name for d in candidates})
+    kept = []
+    for i, name in enumerate(request.keep):
+        d = find(name)
+        if d is None:
+            raise InvalidArgument(f"keep[{i}]", f"unknown attribute {shown(name)}; valid: {valid}")
+        kept.append(d)
+    steps = []
+    regions: set[str] = set()
+    whole_face = False
+    for i, e in enumerate(request.edits):
+        d = find(e.name)
+        if d is None:
+            raise InvalidArgument(f"edits[{i}].name", f"unknown {'/'.join(kinds)} direction or attribute {shown(e.name)}; valid: {valid}")
+        if d in kept:
+            raise InvalidArgument("keep", f"names {e.name!r}, which edits[{i}] changes; an attribute cannot be edited and kept")
+        strength = _direction_strength(p, d, e, f"edits[{i}].strength")
+        layers = check_layers(e.layers, f"edits[{i}].layers", p.manifest.n_latent) if e.HasField("layers") else d.layers
+        vector = p.directions[d.name]
+        if kept:
+            try:
+                vector = algebra.condition_direction(vector, [p.directions[k.name] for k in kept])
+            except ValueError as exc:
+                raise InvalidArgument("keep", f"cannot hold {[k.name for k in kept]} fixed while editing {e.name!r}: {exc}") from None
+        steps.append((vector, strength * d.scale, layers))
+        attr_regions = p.manifest.attribute(d.attribute).regions if d.attribute else ()
+        regions.update(attr_regions)
+        whole_face = whole_face or not attr_regions
+
+    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        for vector, distance, layers in steps:
+            wplus = algebra.apply_direction(wplus, vector, distance, layers)
+        return wplus, _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=() if whole_face else tuple(sorted(regions)))
+
+
+def plan_direction(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    return _plan_directions(p, request, ("interfacegan",))
+
+
+def plan_ganspace(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    return _plan_directions(p, request, ("ganspace",))
+
+
+def plan_sefa(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    return _plan_directions(p, request, ("sefa",))
+
+
+def plan_stylespace(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """StyleSpace: add strengths to chosen (layer, channel) entries of S."""
+    _no_keep(request)
+    _check_options(request, "stylespace")
+    if request.edits:
+        raise InvalidArgument("edits", "STYLESPACE edits style channels: set stylespace.channels "
+                              "(layer, channel, strength); this model set maps no attribute names to channels")
+    channels = request.stylespace.channels
+    if not channels:
+        raise InvalidArgument("stylespace.channels", "is empty; STYLESPACE needs at least one (layer, channel, strength)")
+    if len(channels) > p.config.max_edits:
+        raise InvalidArgument("stylespace.channels", f"has {len(channels)} entries; limit {p.config.max_edits}")
+    entries = []
+    for i, c in enumerate(channels):
+        strength = check_strength(c.strength, f"stylespace.channels[{i}].strength", -MAX_STYLE_STRENGTH,
+                                  MAX_STYLE_STRENGTH, "a style channel")
+        try:
+            p.layout.flat_index(c.layer, c.channel)
+        except ValueError as exc:
+            raise InvalidArgument(f"stylespace.channels[{i}]", str(exc)) from None
+        entries.append((c.layer, c.channel, strength))
+    delta = p.layout.style_delta(entries)
+
+    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        return wplus, np.repeat(delta[None], len(wplus), axis=0)
+
+    return EditPlan(apply=apply, regions=())
+
+
+def plan_mapper(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """Latent-to-Latent mapper: every attribute change at once, one network call."""
+    _check_edit_count(request, p, needed=True)
+    _check_options(request, None)
+    _no_keep(request)
+    names = [a.name for a in p.manifest.attributes]
+    delta = np.zeros(len(names), np.float32)
+    regions: set[str] = set()
+    whole_face = False
+    for i, e in enumerate(request.edits):
+        if e.name not in names:
+            raise InvalidArgument(f"edits[{i}].name", f"unknown attribute {shown(e.name)}; valid: {names}")
+        if e.HasField("layers"):
+            raise InvalidArgument(f"edits[{i}].layers", "the mapper edits every layer; layer ranges apply to directions")
+        a = p.manifest.attribute(e.name)
+        delta[names.index(e.name)] += check_strength(e.strength, f"edits[{i}].strength", a.minimum, a.maximum,
+                                                     f"attribute {a.name!r}")
+        regions.update(a.regions)
+        whole_face = whole_face or not a.regions
+
+    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        inputs = {"wplus": wplus, "delta_attributes": np.repeat(delta[None], len(wplus), axis=0)}
+        edited = (await p.infer("mapper", inputs, call))["wplus_edited"]
+        return edited.astype(np.float32), _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=() if whole_face else tuple(sorted(regions)))
+
+
+def _check_source(p: "Pipeline", source: pb.FaceSource, field: str) -> None:
+    """Validate a secondary FaceSource up front (a latent fully; a photo when it is used)."""
+    kind = source.WhichOneof("source")
+    if kind is None:
+        raise InvalidArgument(field, "set either image or latent")
+    if kind == "latent":
+        read_wplus(source.latent, f"{field}.latent", p.manifest)
+
+
+def plan_crossover(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """Image2StyleGAN style transfer by layer crossover: layers [0, split) from the source
+    (coarse: pose, face shape), [split, L) from `other` (fine: colours, texture, lighting)."""
+    _no_keep(request)
+    _check_options(request, "crossover")
+    if request.edits:
+        raise InvalidArgument("edits", "CROSSOVER takes no attribute edits; set crossover.other and crossover.split_layer")
+    if not request.HasField("crossover"):
+        raise InvalidArgument("crossover", "is required for CROSSOVER (the second face and the split layer)")
+    n_latent = p.manifest.n_latent
+    split = request.crossover.split_layer or n_latent // 2
+    if not 1 <= split <= n_latent - 1:
+        raise InvalidArgument("crossover.split_layer", f"is {split}; must be in [1, {n_latent - 1}] (0 = {n_latent // 2})")
+    _check_source(p, request.crossover.other, "crossover.other")
+
+    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        other = await p.source_wplus(request.crossover.other, "crossover.other", call)
+        edited = wplus.copy()
+        edited[:, split:] = other[split:]
+        return edited, _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=())
+
+
+def expression_layers(n_latent: int) -> tuple[int, int]:
+    """Default W+ layers of an expression: the middle ones (16..32 px for config-f's 18
+    layers: 3..8), scaled to the generator's depth. Our choice after Image2StyleGAN's
+    observation that expression lives between the coarse (pose) and fine (colour) layers."""
+    start = max(0, round(n_latent * 3 / 18))
+    stop = max(start + 1, min(n_latent, round(n_latent * 8 / 18)))
+    return start, stop
+
+
+def plan_expression(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """Image2StyleGAN expression transfer: w_A + s * (w_B_expressive - w_B_neutral) on the
+    expression layers; without a neutral reference, blend toward B's expression there."""
+    _no_keep(request)
+    _check_options(request, "expression")
+    if request.edits:
+        raise InvalidArgument("edits", "EXPRESSION_TRANSFER takes no attribute edits; set expression.expressive")
+    if not request.HasField("expression"):
+        raise InvalidArgument("expression", "is required for EXPRESSION_TRANSFER (at least expression.expressive)")
+    opts = request.expression
+    n_latent = p.manifest.n_latent
+    layers = check_layers(opts.layers, "expression.layers", n_latent) if opts.HasField("layers") else expression_layers(n_latent)
+    strength = check_strength(opts.strength or 1.0, "expression.strength", -2.0, 2.0, "the expression strength")
+    _check_source(p, opts.expressive, "expression.expressive")
+    with_neutral = opts.HasField("neutral")
+    if with_neutral:
+        _check_source(p, opts.neutral, "expression.neutral")
+    start, stop = layers
+
+    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        expressive = await p.source_wplus(opts.expressive, "expression.expressive", call)
+        edited = wplus.copy()
+        if with_neutral:
+            neutral = await p.source_wplus(opts.neutral, "expression.neutral", call)
+            edited[:, start:stop] += strength * (expressive - neutral)[start:stop]
+        else:
+            edited[:, start:stop] += strength * (expressive[None, start:stop] - wplus[:, start:stop])
+        return edited.astype(np.float32), _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=EXPRESSION_REGIONS)
+
+
+# EditMethod -> how it is served. Optimization methods join here when their `refine` model
+# exists (ListEditors lists exactly the entries whose models the model set has).
+METHODS: dict[int, MethodSpec] = {
+    pb.EDIT_METHOD_DIRECTION: MethodSpec(
+        "InterFaceGAN attribute boundaries in W+, strengths in calibrated attribute units; "
+        "optional layer ranges and conditional edits (keep)",
+        "Shen et al., Interpreting the Latent Space of GANs for Semantic Face Editing, CVPR 2020",
+        False, (), "interfacegan", plan_direction),
+    pb.EDIT_METHOD_GANSPACE: MethodSpec(
+        "unsupervised PCA directions of W, by name",
+        "Haerkoenen et al., GANSpace: Discovering Interpretable GAN Controls, NeurIPS 2020",
+        False, (), "ganspace", plan_ganspace),
+    pb.EDIT_METHOD_SEFA: MethodSpec(
+        "unsupervised closed-form factorization of the modulation weights, by name",
+        "Shen & Zhou, Closed-Form Factorization of Latent Semantics in GANs, CVPR 2021",
+        False, (), "sefa", plan_sefa),
+    pb.EDIT_METHOD_STYLESPACE: MethodSpec(
+        "per-channel edits of the style space S (stylespace.channels)",
+        "Wu et al., StyleSpace Analysis: Disentangled Controls for StyleGAN Image Generation, CVPR 2021",
+        False, (), "", plan_stylespace),
+    pb.EDIT_METHOD_MAPPER: MethodSpec(
+        "latent-to-latent mapper network: several attributes in one shot",
+        "Khodadadeh et al., Latent to Latent: A Learned Mapper for Identity Preserving Editing "
+        "of Multiple Face Attributes in StyleGAN-generated Images, WACV 2022",
+        False, ("mapper",), "", plan_mapper),
+    pb.EDIT_METHOD_CROSSOVER: MethodSpec(
+        "layer crossover: coarse layers from this face, fine layers from crossover.other",
+        "Abdal et al., Image2StyleGAN: How to Embed Images Into the StyleGAN Latent Space?, ICCV 2019",
+        False, (), "", plan_crossover),
+    pb.EDIT_METHOD_EXPRESSION_TRANSFER: MethodSpec(
+        "expression transfer: w_A + (w_B_expressive - w_B_neutral) on the expression layers",
+        "Abdal et al., Image2StyleGAN: How to Embed Images Into the StyleGAN Latent Space?, ICCV 2019",
+        False, (), "", plan_expression),
+}
