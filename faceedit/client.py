@@ -6,6 +6,10 @@
     faceedit interpolate A B --frames 8 -o DIR --server ADDR
     faceedit editors --server ADDR [--json]
 
+Secured gateways: --tls-ca CA.pem (TLS; without it, with --tls, the system's roots),
+--tls-cert/--tls-key (a client certificate, for mutual TLS), --token-file FILE or --token T
+(sent as `authorization: Bearer T`; prefer the file: a command line is visible in `ps`).
+
 A source (PHOTO, A, B, --other, ...) is a JPEG/PNG/WEBP photo or a latent file: `.npz` as
 written by `invert` (array + generator id + space), or a bare `.npy` array (W [D] or
 W+ [L, D]) taken to belong to --generator-id, or else to the server's generator.
@@ -19,6 +23,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -151,6 +156,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_SERVER, help=f"gateway address HOST:PORT (default {DEFAULT_SERVER})")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline of the call in seconds")
     parser.add_argument("--generator-id", default="", help="generator of bare .npy latents (default: the server's)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root CAs")
+    security.add_argument("--tls-ca", type=Path, help="PEM CA bundle to verify the gateway with (implies TLS)")
+    security.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS (implies TLS)")
+    security.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    token = security.add_mutually_exclusive_group()
+    token.add_argument("--token", help="bearer token (visible to local users in `ps`; prefer --token-file)")
+    token.add_argument("--token-file", type=Path, help="file holding the bearer token")
 
 
 def _output_args(parser: argparse.ArgumentParser) -> None:
@@ -340,10 +353,67 @@ def add_arguments_for(verb: str, parser: argparse.ArgumentParser) -> None:
     VERBS[verb][0](parser)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: tuple | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call. An interceptor rather than call
+    credentials, because grpc sends call credentials only over TLS and a gateway may sit
+    behind a mesh that encrypts a plain-text hop."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), self._entry),
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+
+def read_token(path: Path) -> str:
+    token = read_bytes(path).decode("utf-8", "replace").strip()
+    if not token:
+        raise UsageError(f"{path}: the token file is empty")
+    return token
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """The channel the security flags ask for: plain text, TLS or mutual TLS, with a token."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    with grpc.insecure_channel(args.server, options=options) as channel:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together (the client certificate and its key)")
+    if args.tls or args.tls_ca or args.tls_cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=read_bytes(args.tls_ca) if args.tls_ca else None,
+            private_key=read_bytes(args.tls_key) if args.tls_key else None,
+            certificate_chain=read_bytes(args.tls_cert) if args.tls_cert else None)
+        channel = grpc.secure_channel(args.server, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(args.server, options=options)
+    token = read_token(args.token_file) if args.token_file else args.token
+    return grpc.intercept_channel(channel, BearerToken(token)) if token else channel
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        channel = open_channel(args)
+    except UsageError as exc:
+        print(f"faceedit {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         session = Session(pb_grpc.FaceEditorStub(channel), args.timeout, args.generator_id)
         try:
             return VERBS[args.verb][1](session, args)

@@ -39,6 +39,19 @@ class GatewayConfig:
     metrics_host: str = "0.0.0.0"
     # Used when the client sets no deadline, so a stuck backend call cannot hold a slot forever.
     default_timeout_s: float = 60.0
+    # TLS on the gRPC port (PEM files): both or neither. With tls_client_ca set, mutual TLS:
+    # only clients with a certificate signed by that CA get past the handshake.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer token every call but health checks must carry (metadata `authorization: Bearer
+    # <token>`): read from this file, or from the environment variable named here; at most one.
+    # The config holds where the secret is, never the secret, so it is safe to log.
+    auth_token_file: Path | None = None
+    auth_token_env: str | None = None
+    # A second, plain-text port serving only grpc.health.v1, for Kubernetes gRPC probes, which
+    # cannot speak TLS; None = none (0 = a free one). Health answers reveal SERVING/NOT_SERVING only.
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -54,5 +67,15 @@ class GatewayConfig:
             raise ValueError(f"GatewayConfig.max_frames must be >= 2, got {self.max_frames}")
         if not self.health_interval_s > 0 or not self.default_timeout_s > 0:
             raise ValueError("GatewayConfig.health_interval_s and default_timeout_s must be > 0")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"GatewayConfig.metrics_port must be in 0..65535 or None, got {self.metrics_port}")
+        for name in ("metrics_port", "health_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"GatewayConfig.{name} must be in 0..65535 or None, got {value}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("GatewayConfig.tls_cert and tls_key go together: set both for TLS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("GatewayConfig.tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.auth_token_file is not None and self.auth_token_env is not None:
+            raise ValueError("GatewayConfig: set auth_token_file or auth_token_env, not both")
+        if self.auth_token_env is not None and not self.auth_token_env:
+            raise ValueError("GatewayConfig.auth_token_env must name an environment variable")

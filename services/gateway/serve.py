@@ -2,6 +2,8 @@
 
     faceedit serve --port 50051 --metrics-port 9090                     # embedded onnxruntime
     faceedit serve --backend triton --triton-url triton:8001 --model-set DIR
+    faceedit serve --tls-cert server.pem --tls-key server.key [--tls-client-ca ca.pem] \
+                   --token-file /var/run/secrets/faceedit/token --health-port 50052
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from faceedit.modelset import ModelSetError
 from services.gateway.config import BACKENDS, DEFAULT_MODEL_SET, GatewayConfig
+from services.gateway.decode import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="embedded: onnxruntime calls running at once")
     parser.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads,
                         help="embedded: threads inside one onnxruntime call")
+    parser.add_argument("--max-image-bytes", type=int, default=defaults.image_limits.max_bytes,
+                        help="largest upload accepted (bytes); also bounds the gRPC message size")
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds in-flight calls may take to finish after SIGTERM")
+    parser.add_argument("--health-interval", type=float, default=defaults.health_interval_s,
+                        help="seconds between backend readiness re-checks (health status)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) of the gateway: serve TLS")
+    security.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    security.add_argument("--tls-client-ca", type=Path,
+                          help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    # the token itself is never a flag: command lines are visible to every local user (ps)
+    token = security.add_mutually_exclusive_group()
+    token.add_argument("--token-file", type=Path,
+                       help="file holding the bearer token every call but health checks must carry")
+    token.add_argument("--token-env", metavar="VAR", help="environment variable holding that token")
+    security.add_argument("--health-port", type=int,
+                          help="also serve grpc.health.v1 alone on this plain-text port (Kubernetes gRPC "
+                               "probes cannot speak TLS)")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -44,7 +64,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         model_set=args.model_set, backend=args.backend, triton_url=args.triton_url,
         max_concurrency=args.max_concurrency, cache_entries=args.cache_entries,
         inference_threads=args.threads, intra_op_threads=args.intra_op_threads,
-        metrics_port=args.metrics_port, metrics_host=args.host)
+        image_limits=ImageLimits(max_bytes=args.max_image_bytes),
+        metrics_port=args.metrics_port, metrics_host=args.host, health_interval_s=args.health_interval,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.token_file, auth_token_env=args.token_env, health_port=args.health_port)
 
 
 def missing_model_set_message(path: Path) -> str | None:
@@ -65,7 +88,8 @@ async def serve(config: GatewayConfig, address: str, grace: float) -> None:
 
     server, port = create_server(address, config)
     await server.start()
-    print(f"faceedit gateway listening on port {port} (metrics on port {server.metrics_port})", flush=True)
+    print(f"faceedit gateway listening on port {port} (metrics on port {server.metrics_port}"
+          + (f", health on port {server.health_port}" if server.health_port is not None else "") + ")", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -85,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a flag out of range: GatewayConfig names it
         print(f"faceedit serve: {exc}", file=sys.stderr)
         return 2
+    from services.gateway.security import SecurityError  # imports grpc: only when serving
+
     try:
         asyncio.run(serve(config, f"{args.host}:{args.port}", args.grace))
-    except (ModelSetError, OSError) as exc:  # a broken model set, a port in use
+    except (ModelSetError, OSError, SecurityError) as exc:  # a broken model set, a port in use, bad TLS/token files
         print(f"faceedit serve: {exc}", file=sys.stderr)
         return 2
     return 0

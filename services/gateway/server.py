@@ -1,6 +1,8 @@
 """The gateway server: the FaceEditor servicer on a grpc.aio server, with standard health and
 reflection, a per-replica concurrency limit, the mapping of failures to status codes,
 Prometheus metrics on an HTTP port, and a graceful stop that drains in-flight calls.
+Optionally TLS / mutual TLS, a bearer-token check, and a plain-text health-only port for
+Kubernetes probes (services/gateway/security.py).
 
     server, port = create_server("127.0.0.1:0", config)
     await server.start()
@@ -17,6 +19,7 @@ import uuid
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +32,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.errors import Overloaded, status_for
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pipeline import AlignerLoader, Call, Pipeline, RequestLog
+from services.gateway.security import BearerTokenInterceptor, load_token, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceEditor"].full_name
 REQUEST_ID_KEY = "x-request-id"
 # a client's request id is echoed into logs: only short, plain ids are taken as given
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# share of a call's time budget within which a cancellation counts as its deadline passing
+DEADLINE_ROUNDING = 0.02
 
 T = TypeVar("T")
 
@@ -45,6 +51,49 @@ def request_id_of(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.match(value):
             return value
     return uuid.uuid4().hex
+
+
+class _Undecodable:
+    """Stands for a request body that is not a valid message of the method's type."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """INVALID_ARGUMENT for request bytes that do not parse as the method's message.
+
+    Without it grpc answers UNKNOWN and logs a traceback per call: a client's malformed bytes
+    would read as our failure, and a flood of them would flood the error log."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        # every unary-request method of ours and of health; reflection streams its requests
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = details.method.rsplit("/", 1)[-1]
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError:
+                return UNDECODABLE
+
+        behaviour = handler.unary_unary or handler.unary_stream
+
+        async def guarded(request, context: grpc.aio.ServicerContext):
+            if request is UNDECODABLE:
+                self._metrics.requests.labels(method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"request: not a valid message for {details.method} (protobuf parse error)")
+            return await behaviour(request, context)  # ours and health's are coroutines (no generators)
+
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
+        return make(guarded, request_deserializer=lenient, response_serializer=handler.response_serializer)
 
 
 class FaceEditorServicer(pb_grpc.FaceEditorServicer):
@@ -110,7 +159,10 @@ class FaceEditorServicer(pb_grpc.FaceEditorServicer):
                                  "concurrent requests; retry later or on another replica")
             return await work(Call(request_id, deadline, self._metrics))
         except asyncio.CancelledError:  # the client went away, or its deadline passed
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if time.monotonic() >= deadline else grpc.StatusCode.CANCELLED
+            # grpc rounds a timeout up when it sends it (about 1 %): a client whose deadline
+            # passed cancels while this side still sees a few ms left, which is no real cancel
+            expired = deadline - time.monotonic() <= DEADLINE_ROUNDING * (deadline - start)
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             code, details = status_for(exc)
@@ -132,10 +184,14 @@ class GatewayServer:
     backend and aligner warm-up."""
 
     def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, backend: Backend,
-                 aligner: AlignerLoader, metrics: GatewayMetrics, config: GatewayConfig) -> None:
+                 aligner: AlignerLoader, metrics: GatewayMetrics, config: GatewayConfig,
+                 health_server: grpc.aio.Server | None = None, health_port: int | None = None) -> None:
         self.grpc_server = server
         self.metrics = metrics
         self.metrics_port: int | None = None
+        # the plain-text health-only listener (config.health_port) and its bound port
+        self.health_server = health_server
+        self.health_port = health_port
         self._health = health_servicer
         self._backend = backend
         self._aligner = aligner
@@ -154,6 +210,8 @@ class GatewayServer:
             self.metrics_port = self._metrics_httpd.server_port
             log.info("metrics on http://%s:%d/metrics", self._config.metrics_host, self.metrics_port)
         await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         self._tasks.append(asyncio.create_task(self._warm_up()))
         self._tasks.append(asyncio.create_task(self._watch_health()))
 
@@ -162,6 +220,8 @@ class GatewayServer:
         the calls in flight finish for up to `grace` seconds, then release everything."""
         await self._health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -200,6 +260,19 @@ class GatewayServer:
         await self._health.set(SERVICE_NAME, status)
 
 
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> int:
+    """Add a (TLS when `credentials`) port; the bound port number, or OSError saying why not."""
+    cause = ""
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's one error for a port in use and for a certificate it refuses
+        port, cause = 0, f": {exc}"
+    if port == 0:
+        hint = " (is the port free? do tls_cert and tls_key hold a certificate and its key?)" if credentials else ""
+        raise OSError(f"cannot bind {what} to {address}{hint}{cause}")
+    return port
+
+
 def create_server(address: str, config: GatewayConfig, backend: Backend | None = None,
                   aligner: FaceAligner | None = None) -> tuple[GatewayServer, int]:
     """Build (not start) a gateway on `address` ("host:port"; port 0 picks a free one).
@@ -207,7 +280,10 @@ def create_server(address: str, config: GatewayConfig, backend: Backend | None =
     backend: None opens the one `config` names; tests pass their own. aligner: an already
     loaded FaceAligner to share (tests); None loads one in the background at start.
     Returns the server and the bound port. Call from the event loop that will run it.
+    Reads the TLS files and the token `config` names (OSError / SecurityError when unusable).
     """
+    credentials = server_credentials(config)
+    token = load_token(config)
     manifest = load_manifest(config.model_set, verify=config.backend == "embedded" and backend is None)
     metrics = GatewayMetrics()
     metrics.concurrency_limit.set(config.max_concurrency)
@@ -217,15 +293,29 @@ def create_server(address: str, config: GatewayConfig, backend: Backend | None =
 
     # room for a request with three photos (EditRequest with crossover/expression sources)
     max_receive = 3 * config.image_limits.max_bytes + (1 << 20)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_receive),
+    # the token check first: a refused call's bytes are never parsed
+    interceptors = ([BearerTokenInterceptor(token, metrics)] if token is not None else []) + [DecodeGuard(metrics)]
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=[("grpc.max_receive_message_length", max_receive),
                                       ("grpc.max_send_message_length", -1)])
     pb_grpc.add_FaceEditorServicer_to_server(FaceEditorServicer(pipeline, config, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind the gateway to {address}")
-    log.info("gateway for generator %s (%s backend) on port %d", manifest.generator_id, metered.name, port)
-    return GatewayServer(server, health_servicer, metered, loader, metrics, config), port
+    port = _bind(server, address, credentials, "the gateway")
+    health_server = health_port = None
+    if config.health_port is not None:
+        # the same servicer, so both ports always give the same answer
+        health_server = grpc.aio.server(interceptors=[DecodeGuard(metrics)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = _bind(health_server, f"{address.rsplit(':', 1)[0]}:{config.health_port}", None,
+                            "the gateway's health port")
+    transport = ("mutual TLS" if config.tls_client_ca is not None else "TLS") if credentials is not None else "plain text"
+    if token is not None and credentials is None:
+        log.warning("a bearer token is required but the port is plain text: the token crosses the network in "
+                    "the clear unless a mesh or tunnel encrypts it; set tls_cert/tls_key")
+    log.info("gateway for generator %s (%s backend) on port %d (%s%s)%s", manifest.generator_id, metered.name, port,
+             transport, ", bearer token required" if token is not None else "",
+             f"; health only on plain-text port {health_port}" if health_port is not None else "")
+    return GatewayServer(server, health_servicer, metered, loader, metrics, config, health_server, health_port), port
