@@ -1,0 +1,164 @@
+"""Stage `directions`: editing directions of the trained generator, all [D] unit vectors in W.
+
+* InterFaceGAN (Shen et al.): sample w = mapping(z), synthesise, score every attribute with
+  the trained classifier; per attribute the top `direction_quantile` of scores are positives
+  and the bottom ones negatives, and an L2-regularised logistic regression on standardised
+  w gives the boundary; its unit normal (in unstandardised W, pointing toward more of the
+  attribute) is the direction.
+* Calibration: sampled w are moved along each direction by a few latent distances, the
+  classifier measures the attribute change in the attribute's own units, and
+  `faceedit.edits.fit_calibration` fits distance = scale * change + offset. DirectionSpec.scale
+  is that scale (latent distance per attribute unit), so an API strength is in attribute units.
+* GANSpace (Härkönen et al.): `fit_pca` of the sampled w, top components; scale = the
+  standard deviation of w along the component (one unit = one std).
+* SeFa (Shen & Zhou): `sefa_directions` on the modulation (affine) weights of every style
+  layer; scale = the std of sampled w along the direction.
+Everything goes to run_dir/directions/: one .npy per direction and directions.json (the
+DirectionSpecs plus fit figures), read by the bundle stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import scipy.optimize
+import torch
+
+from faceedit.edits import fit_calibration, fit_pca, sefa_directions
+from faceedit.modelset import DirectionSpec
+from faceedit.world.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
+from faceedit.world.dataset import attribute_targets, attribute_values
+from faceedit.world.trainers.common import (StageContext, StageOutcome, TrainingError, load_classifier,
+                                            load_generator, write_json_atomic)
+
+log = logging.getLogger("faceedit.train")
+
+# latent distances of the calibration, in units of the std of w along the direction
+CALIBRATION_STEPS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+L2_PENALTY = 1e-3
+BATCH = 64
+
+
+def fit_boundary(w: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
+    """Logistic regression of labels (0/1) on w [M, D]; returns (unit normal in W pointing to
+    label 1, training accuracy). Standardising w first makes the L2 penalty fair across dims."""
+    if w.ndim != 2 or labels.shape != (w.shape[0],):
+        raise ValueError(f"fit_boundary: w must be [M, D] and labels [M], got {list(w.shape)}, {list(labels.shape)}")
+    if labels.min() == labels.max():
+        raise ValueError("fit_boundary: labels are all one class; nothing separates them")
+    mean, std = w.mean(axis=0), w.std(axis=0) + 1e-8
+    x = ((w - mean) / std).astype(np.float64)
+    y = labels.astype(np.float64)
+    dim = x.shape[1]
+
+    def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
+        beta, bias = params[:dim], params[dim]
+        z = x @ beta + bias
+        loss = np.mean(np.logaddexp(0.0, z) - y * z) + L2_PENALTY * beta @ beta
+        r = (1.0 / (1.0 + np.exp(-z)) - y) / len(y)
+        return loss, np.concatenate([x.T @ r + 2 * L2_PENALTY * beta, [r.sum()]])
+
+    result = scipy.optimize.minimize(objective, np.zeros(dim + 1), jac=True, method="L-BFGS-B")
+    beta, bias = result.x[:dim], result.x[dim]
+    accuracy = float(np.mean(((x @ beta + bias) > 0) == (y > 0.5)))
+    normal = beta / std  # the boundary normal back in W coordinates
+    norm = np.linalg.norm(normal)
+    if not norm > 0:
+        raise ValueError("fit_boundary: the fitted boundary is degenerate (zero normal)")
+    return (normal / norm).astype(np.float32), accuracy
+
+
+def _save_npy(path, vector: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(vector, dtype=np.float32))
+    tmp.replace(path)
+
+
+def run(ctx: StageContext) -> StageOutcome:
+    cfg = ctx.config
+    g = load_generator(ctx.paths.model("generator"))
+    classifier = load_classifier(ctx.paths)
+    n_latent = g.config.n_latent
+    gen = torch.Generator().manual_seed(ctx.seed())
+
+    def scores(w: torch.Tensor) -> torch.Tensor:
+        """Classifier logits of G(w) for w [M, D], in batches."""
+        with torch.no_grad():
+            return torch.cat([classifier(g.synthesis(g.broadcast(w[i:i + BATCH]))) for i in range(0, len(w), BATCH)])
+
+    with torch.no_grad():
+        z = torch.randn(cfg.direction_samples, cfg.style_dim, generator=gen)
+        w = torch.cat([g.mapping(z[i:i + 1024]) for i in range(0, len(z), 1024)])
+    logits = scores(w)
+    scaled = attribute_targets(attribute_values(logits)).numpy()  # [M, A] in [0, 1]
+    w_np = w.numpy().astype(np.float64)
+    specs: list[dict] = []
+    metrics: dict[str, float] = {}
+    normals: dict[str, np.ndarray] = {}
+    k = max(1, int(round(cfg.direction_quantile * len(w_np))))
+    for a, name in enumerate(ATTRIBUTE_NAMES):
+        order = np.argsort(scaled[:, a], kind="stable")
+        chosen = np.concatenate([order[:k], order[-k:]])
+        labels = np.concatenate([np.zeros(k), np.ones(k)])
+        try:
+            normal, accuracy = fit_boundary(w_np[chosen], labels)
+        except ValueError as exc:
+            raise TrainingError(f"directions: cannot fit the {name!r} boundary: {exc}") from exc
+        normals[name] = normal
+        metrics[f"boundary_accuracy_{name}"] = accuracy
+        metrics[f"score_spread_{name}"] = float(scaled[order[-k:], a].mean() - scaled[order[:k], a].mean())
+
+    # calibration: distance along each normal -> measured change in attribute units
+    n_cal = min(cfg.calibration_samples, len(w))
+    base = w[:n_cal]
+    base_values = attribute_values(scores(base))
+    samples = {}
+    for a, name in enumerate(ATTRIBUTE_NAMES):
+        normal = torch.from_numpy(normals[name])
+        sigma = float(np.std(w_np @ normals[name]))
+        distances, changes = [], []
+        for step in CALIBRATION_STEPS:
+            dist = step * sigma
+            moved = attribute_values(scores(base + dist * normal))
+            distances.append(np.full(n_cal, dist))
+            changes.append((moved[:, a] - base_values[:, a]).numpy())
+        samples[name] = (np.concatenate(distances), np.concatenate(changes))
+    calibration = fit_calibration(samples)
+    for a, name in enumerate(ATTRIBUTE_NAMES):
+        scale = calibration.scale[a]
+        if scale <= 0:
+            log.warning("directions: %s calibration scale %.4g <= 0: moving along the boundary normal does not "
+                        "increase the classifier's %s (generator too weak for this attribute)", name, scale, name)
+        metrics[f"calibration_scale_{name}"] = scale
+        spec = DirectionSpec(name=name, file=f"directions/{name}.npy", kind="interfacegan", layers=(0, n_latent),
+                             attribute=name, scale=float(scale))
+        _save_npy(ctx.paths.root / spec.file, normals[name])
+        specs.append(dataclasses.asdict(spec))
+
+    kcomp = min(cfg.unsupervised_components, cfg.style_dim, len(w_np) - 1)
+    pca = fit_pca(w_np, kcomp)
+    for i in range(kcomp):
+        spec = DirectionSpec(name=f"ganspace_{i}", file=f"directions/ganspace_{i}.npy", kind="ganspace",
+                             layers=(0, n_latent), scale=float(pca.std[i]))
+        _save_npy(ctx.paths.root / spec.file, pca.comp[i])
+        specs.append(dataclasses.asdict(spec))
+    weights = [conv.modulation.weight.detach().numpy() for _, conv in g.synthesis.style_layers()]
+    sefa, _ = sefa_directions(weights, min(cfg.unsupervised_components, cfg.style_dim))
+    for i, vector in enumerate(sefa):
+        spec = DirectionSpec(name=f"sefa_{i}", file=f"directions/sefa_{i}.npy", kind="sefa", layers=(0, n_latent),
+                             scale=float(np.std(w_np @ vector.astype(np.float64))))
+        _save_npy(ctx.paths.root / spec.file, vector)
+        specs.append(dataclasses.asdict(spec))
+
+    write_json_atomic(ctx.paths.directions / "directions.json", {
+        "directions": specs,
+        "calibration": {"attributes": list(calibration.attributes), "scale": list(calibration.scale),
+                        "offset": list(calibration.offset)},
+        "attributes": [{"name": s.name, "low": s.low, "high": s.high, "kind": s.kind} for s in ATTRIBUTES],
+    })
+    log.info("directions: %s", "  ".join(f"{n}: acc {metrics[f'boundary_accuracy_{n}']:.2f} "
+                                         f"scale {metrics[f'calibration_scale_{n}']:.3g}" for n in ATTRIBUTE_NAMES))
+    return StageOutcome(steps=1, metrics=metrics)
