@@ -13,21 +13,32 @@ Two flavors come from ONE description, `SERVING`, a table of per-model serving s
 Layout written (one folder per model):
     <repo>/<model>/config.pbtxt
     <repo>/<model>/1/model.onnx            (+ 1/model.py for cpu, or 1/model.plan for plans)
+    <repo>/refine/1/model.py + generator.pt, classifier.pt, parser.pt
+                                           (when the set has editor data: torch checkpoints)
 
 Tensor names, data types and shapes are read from the ONNX graph itself (the truth), so a
 config can never disagree with the model it serves.
+
+`refine` (the optimization editing methods) is PyTorch in both flavors: the python backend
+running exporters/python_backend/refine_model.py (KIND_CPU for cpu, KIND_GPU for gpu; the
+gpu overlay's faceedit/triton-worker image has torch), with the set's checkpoints copied into
+its version folder and named by the config's parameters. Its tensors are
+faceedit.methods.refine's REFINE_INPUTS / REFINE_OUTPUTS, one optimization per request
+(max_batch_size 0).
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import onnx
 
-from faceedit.modelset import load_manifest
+from faceedit.methods.refine import REFINE_INPUTS, REFINE_OUTPUTS, RefineModelConfig
+from faceedit.modelset import Manifest, load_manifest, refine_parameters
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,8 @@ FLAVORS = ("cpu", "gpu")
 ENGINE_CACHE_ROOT = "/engine-cache"
 
 PYTHON_BACKEND_MODEL = Path(__file__).resolve().parent / "python_backend" / "model.py"
+REFINE_BACKEND_MODEL = Path(__file__).resolve().parent / "python_backend" / "refine_model.py"
+REFINE = "refine"
 
 # ONNX element type -> Triton data type (only the types our models use; anything else is an
 # error rather than a silently wrong config)
@@ -85,6 +98,26 @@ SERVING: dict[str, ServingSettings] = {
 
 # the TensorRT builder may use this much GPU memory for tactics (per model)
 TRT_WORKSPACE_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class RefineServing:
+    """How Triton serves `refine` (not a SERVING row: no ONNX graph, no batching)."""
+    # one instance: an optimization saturates its GPU (or every CPU core it is given), so a
+    # second instance would only halve the speed of both jobs
+    instances: int = 1
+    cpu_threads: int = 4        # torch intra-op threads of the instance (its CPU work)
+    # How long a request may wait in Triton's queue behind running optimizations before it
+    # is refused (UNAVAILABLE) instead of waiting forever: the longest optimization a request
+    # may ask for (RefineModelConfig / the gateway's limits: 600 s) plus a margin. The
+    # gateway's own deadline cuts in earlier when the client's is shorter.
+    queue_timeout_s: float = 660.0
+
+
+REFINE_SERVING = RefineServing()
+
+# Triton data types of REFINE_INPUTS / REFINE_OUTPUTS (the Triton client's names)
+_REFINE_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32"}
 
 
 @dataclass(frozen=True)
@@ -241,6 +274,60 @@ def render_config(model: str, flavor: str, io: ModelIO, settings: ServingSetting
     return "\n".join(lines) + "\n"
 
 
+def refine_config_parameters(manifest: Manifest, serving: RefineServing) -> dict[str, str]:
+    """The `refine` config's parameters: the set's (faceedit.modelset.refine_parameters, which
+    the gateway's in-process runner uses too) plus this instance's thread count."""
+    parameters = {**refine_parameters(manifest), "intra_op_num_threads": str(serving.cpu_threads)}
+    try:  # the model's own parsing: a config Triton would refuse at load is refused here
+        RefineModelConfig.from_parameters(parameters)
+    except ValueError as exc:
+        raise RepositoryError(f"{REFINE}: {exc}") from exc
+    return parameters
+
+
+def render_refine_config(flavor: str, parameters: dict[str, str], serving: RefineServing) -> str:
+    """config.pbtxt of `refine`: python backend, full tensor shapes (max_batch_size 0)."""
+    if flavor not in FLAVORS:
+        raise RepositoryError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
+
+    def block(kind: str, table: dict) -> list[str]:
+        rows = [f'  {{ name: "{name}" data_type: {_REFINE_TYPES[dtype]} dims: {_dims(tuple(shape))} }}'
+                for name, (dtype, shape) in table.items()]
+        return [f"{kind} [", ",\n".join(rows), "]"]
+
+    kind = "KIND_GPU" if flavor == "gpu" else "KIND_CPU"
+    lines = [f"# written by `faceedit export --flavor {flavor}` from RefineServing in exporters/repository.py;",
+             "# edit that, not this file.",
+             f'name: "{REFINE}"',
+             'backend: "python"',
+             # one request is one optimization of one face (REFINE_INPUTS carry their batch of 1)
+             "max_batch_size: 0"]
+    lines += block("input", REFINE_INPUTS)
+    lines += block("output", REFINE_OUTPUTS)
+    lines += ["dynamic_batching {",
+              "  default_queue_policy {",
+              "    timeout_action: REJECT",
+              f"    default_timeout_microseconds: {int(serving.queue_timeout_s * 1e6)}",
+              "    allow_timeout_override: true",
+              "  }",
+              "}",
+              "instance_group [ { count: %d kind: %s } ]" % (serving.instances, kind),
+              "version_policy { latest { num_versions: 1 } }"]
+    lines += [f'parameters {{ key: "{k}" value {{ string_value: {json.dumps(v)} }} }}' for k, v in parameters.items()]
+    # no warm-up request: a warm-up would run an optimization at every load
+    return "\n".join(lines) + "\n"
+
+
+def _write_refine_folder(dest: Path, model_set: Path, manifest: Manifest, flavor: str, serving: RefineServing) -> None:
+    parameters = refine_config_parameters(manifest, serving)
+    version = dest / "1"
+    version.mkdir(parents=True)
+    shutil.copyfile(REFINE_BACKEND_MODEL, version / "model.py")
+    for checkpoint in manifest.torch_checkpoints.values():
+        shutil.copyfile(model_set / checkpoint.file, version / PurePosixPath(checkpoint.file).name)
+    (dest / "config.pbtxt").write_text(render_refine_config(flavor, parameters, serving))
+
+
 # ---------------------------------------------------------------------------------------
 # repository writer
 
@@ -264,8 +351,10 @@ def _write_model_folder(dest: Path, model: str, flavor: str, onnx_path: Path, pl
 
 
 def write_repository(model_set: str | Path, out: str | Path, flavor: str,
-                     serving: dict[str, ServingSettings] = SERVING) -> list[str]:
-    """Write (or replace) the Triton repository `out` for every model of `model_set`.
+                     serving: dict[str, ServingSettings] = SERVING,
+                     refine_serving: RefineServing = REFINE_SERVING) -> list[str]:
+    """Write (or replace) the Triton repository `out` for every model of `model_set`, and
+    `refine` when the set has PyTorch checkpoints (its editor data).
 
     Everything is written into a temporary folder next to `out` first; each model folder is
     then swapped in whole, so Triton (or a reader) never sees a half-written model. Model
@@ -289,14 +378,18 @@ def write_repository(model_set: str | Path, out: str | Path, flavor: str,
             plan = model_set / f"{model}.plan"
             _write_model_folder(staging / model, model, flavor, model_set / spec.file,
                                 plan if flavor == "gpu" and plan.is_file() else None, serving[model])
+        models = set(manifest.models)
+        if manifest.torch_checkpoints:
+            _write_refine_folder(staging / REFINE, model_set, manifest, flavor, refine_serving)
+            models.add(REFINE)
         if not out.exists():
             staging.rename(out)
         else:
-            _swap_models_into(staging, out, set(manifest.models))
+            _swap_models_into(staging, out, models)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote %s repository %s (%d models)", flavor, out, len(manifest.models))
-    return sorted(manifest.models)
+    log.info("wrote %s repository %s (%d models)", flavor, out, len(models))
+    return sorted(models)
 
 
 def _swap_models_into(staging: Path, out: Path, models: set[str]) -> None:

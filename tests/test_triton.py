@@ -156,9 +156,15 @@ def test_dynamic_batching_groups_concurrent_requests(server, client):
     for _ in range(n_requests):
         assert done.acquire(timeout=60), "a request never completed"
     assert not errors, errors
-    after = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    requests = metric(after, "nv_inference_request_success", model) - metric(before, "nv_inference_request_success", model)
-    executions = metric(after, "nv_inference_exec_count", model) - metric(before, "nv_inference_exec_count", model)
+    # Triton updates its counters after the response is sent: poll until they settle
+    deadline = time.monotonic() + 15.0
+    while True:
+        after = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+        requests = metric(after, "nv_inference_request_success", model) - metric(before, "nv_inference_request_success", model)
+        executions = metric(after, "nv_inference_exec_count", model) - metric(before, "nv_inference_exec_count", model)
+        if requests >= n_requests or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert requests == n_requests
     assert 1 <= executions < n_requests, f"{n_requests} concurrent requests ran in {executions} executions (no batching)"
 

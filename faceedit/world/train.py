@@ -13,7 +13,9 @@ Stages (faceedit/world/trainers/, in this order; each reads only earlier stages'
     content      content encoder + fusion conv of the two-branch method (G and E frozen)
     directions   InterFaceGAN boundaries + calibration, GANSpace, SeFa
     mapper       Latent-to-Latent mapper with the paper's losses
-    bundle       ONNX export of every served model + manifest (exporters/model_set.py)
+    bundle       ONNX export of every served model + manifest (exporters/model_set.py), then
+                 the editor data of the attribute-driven and optimization methods
+                 (faceedit/world/editors.py)
 
 Time: `--minutes` is the budget of the whole run. Each stage gets
     share(stage) / sum(shares of the stages still to run) * (budget - time of finished stages)
@@ -112,6 +114,7 @@ def run_data(ctx: StageContext) -> StageOutcome:
 def run_bundle(ctx: StageContext) -> StageOutcome:
     from exporters.model_set import build_model_set   # the exporter pulls in onnx/onnxruntime
     from exporters.specs import Networks
+    from faceedit.world.editors import add_editor_data
 
     cfg = ctx.config
     p = ctx.paths
@@ -131,6 +134,7 @@ def run_bundle(ctx: StageContext) -> StageOutcome:
     manifest = build_model_set(p.bundle, networks, generator_id=f"faceedit-world-{cfg.resolution}px-seed{cfg.seed}",
                                description=DESCRIPTION.format(res=cfg.resolution), attributes=attribute_specs(),
                                directions=dirs, seed=cfg.seed)
+    add_editor_data(p.bundle, p.root, cfg.seed)   # torch checkpoints, StyleSpace channels, exemplars
     sizes = {name: (p.bundle / m.file).stat().st_size / 1e6 for name, m in manifest.models.items()}
     metrics = {f"mb_{k}": v for k, v in sizes.items()}
     metrics["mb_total"] = bundle_megabytes(p.bundle)

@@ -8,10 +8,17 @@ not know which) with the time left of the request's deadline.
 
 Editing methods live in one table, `METHODS` (EditMethod -> MethodSpec). A method validates
 the request into an `EditPlan` before any pixel is decoded, and the plan's `apply` turns W+
-codes into edited codes plus a style-space offset. The optimization methods (OPTIMIZATION,
-STYLE_INTERVENTION, MASKED_OPTIMIZATION) plug in here with their model ("refine"); until a
-method is in the table (and its models in the model set) ListEditors does not list it and
-Edit answers UNIMPLEMENTED.
+codes (and the aligned originals) into edited codes plus a style-space offset. ListEditors
+lists, and Edit serves, exactly the methods whose models, directions and editor data the
+model set has; the optimization methods (OPTIMIZATION, STYLE_INTERVENTION,
+MASKED_OPTIMIZATION) also need a place to run (services/gateway/refine.py: PyTorch in this
+process, or the Triton model `refine`); otherwise Edit answers UNIMPLEMENTED saying why.
+
+Every method takes `--edit ATTR=VALUE` edits (AttributeEdit): DIRECTION/GANSPACE/SEFA along
+directions, MAPPER through the mapper, STYLESPACE through the set's per-attribute channels,
+CROSSOVER / EXPRESSION_TRANSFER with the set's reference exemplars (a second face from the
+synthetic world) when the request names no second face, and the optimization methods toward
+classifier targets (the face's own classifier output moved by the requested change).
 
 Face photos are personal data: nothing here logs or stores pixels; the inversion cache keeps
 latents only, in memory.
@@ -25,14 +32,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Collection, Sequence
 
 import numpy as np
 from PIL import Image
 
 from faceedit import edits as algebra
 from faceedit.client import latent_message
-from faceedit.modelset import DirectionSpec, Manifest
+from faceedit.modelset import REFINE_TIME_RANGE_S, AttributeSpec, DirectionSpec, Manifest
 from faceedit.v1 import faceedit_pb2 as pb
 from services.gateway import align, fuse, paste
 from services.gateway.backends import Backend
@@ -41,6 +48,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.decode import ImageError, decode_image, encode_image
 from services.gateway.errors import DeadlineExceeded, InvalidArgument, NoFace, Unimplemented
 from services.gateway.metrics import STAGES, GatewayMetrics
+from services.gateway.refine import RefineJob, RefineOutcome, RefineRejected, open_refine, target_logit
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,15 @@ DEFAULT_QUALITY = 95
 SYNTHESIS_BATCH = 4
 # parser classes an expression lives in (fusion keeps hair, ears, neck, clothes, background)
 EXPRESSION_REGIONS = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "nose", "mouth", "u_lip", "l_lip")
+# An optimization leaves this much of the request's time to the stages after it (synthesize,
+# fuse, paste, encode: well under a second even at 1024 px), so its result is not lost to
+# the deadline; its own time budget is cut to what remains.
+OPTIMIZATION_RESERVE_S = 1.0
+MIN_OPTIMIZATION_S = REFINE_TIME_RANGE_S[0]   # the refine runner's shortest time budget
+# OptimizationOptions fields a request may not set: both backends run each method with its
+# published hyper-parameters (the `refine` model's inputs carry only steps and time budget)
+FIXED_HYPER_PARAMETERS = ("learning_rate", "lambda_pixel", "lambda_perceptual", "lambda_latent", "lambda_attribute",
+                          "lambda_outside", "lambda_sparsity", "preview_every")
 FORMATS = {
     pb.IMAGE_FORMAT_UNSPECIFIED: "PNG", pb.IMAGE_FORMAT_PNG: "PNG",
     pb.IMAGE_FORMAT_JPEG: "JPEG", pb.IMAGE_FORMAT_WEBP: "WEBP",
@@ -131,9 +148,11 @@ class Call:
 
 @dataclass(frozen=True)
 class EditPlan:
-    """A validated edit. apply(wplus [N, L, D], call) -> (edited [N, L, D], style_delta [N, S])."""
+    """A validated edit. apply(wplus [N, L, D], originals, call) -> (edited [N, L, D],
+    style_delta [N, S]); `originals` are the aligned photo crops (uint8 [R, R, 3], one per
+    face), or None when the source is a latent."""
 
-    apply: Callable[[np.ndarray, Call], Awaitable[tuple[np.ndarray, np.ndarray]]]
+    apply: Callable[[np.ndarray, list[np.ndarray] | None, Call], Awaitable[tuple[np.ndarray, np.ndarray]]]
     # parser classes the edit may change, for the fuse stage; () = the whole aligned face
     regions: tuple[str, ...]
 
@@ -299,12 +318,19 @@ class Pipeline:
         self.cache = InversionCache(config.cache_entries)
         self.layout = algebra.StyleLayout(manifest.style_layout)
         self.directions = load_directions(config.model_set, manifest)
+        self.exemplars = load_exemplars(config.model_set, manifest)
+        # where the optimization methods run (in-process PyTorch, Triton's `refine`), if anywhere
+        self.refine = open_refine(config, manifest, backend)
         # the methods this model set can serve: it has every model a method needs, and the
-        # directions it edits along
+        # directions it edits along; an optimization method also needs self.refine, which can
+        # come and go (Triton's `refine` model READY or not): see served_methods()
         kinds = {d.kind for d in manifest.directions}
         self.methods = {m: spec for m, spec in METHODS.items()
                         if all(model in manifest.models for model in ("synthesis", *spec.models))
                         and (not spec.direction_kind or spec.direction_kind in kinds)}
+
+    def served_methods(self) -> dict[int, MethodSpec]:
+        return {m: spec for m, spec in self.methods.items() if not spec.needs_optimization or self.refine.available()}
 
     # ---- Invert -------------------------------------------------------------------------
 
@@ -346,7 +372,8 @@ class Pipeline:
             wplus = read_wplus(request.latent, "latent", self.manifest)[None]
 
         async with call.stage("edit"):
-            edited, style_delta = await plan.apply(wplus, call)
+            originals = [s.aligned.image for s in selected] if photo_source else None
+            edited, style_delta = await plan.apply(wplus, originals, call)
             style_delta = style_delta + base_style[None]
 
         async with call.stage("synthesize"):
@@ -451,7 +478,8 @@ class Pipeline:
         return pb.ListEditorsResponse(
             generator_id=m.generator_id, resolution=m.resolution, n_latent=m.n_latent, style_dim=m.style_dim,
             methods=[pb.MethodInfo(name=method_name(k), method=k, description=s.description, paper=s.paper,
-                                   needs_optimization=s.needs_optimization) for k, s in sorted(self.methods.items())],
+                                   needs_optimization=s.needs_optimization)
+                     for k, s in sorted(self.served_methods().items())],
             attributes=[pb.AttributeInfo(name=a.name, min=a.minimum, max=a.maximum, description=a.description,
                                          regions=list(a.regions)) for a in m.attributes],
             directions=[pb.DirectionInfo(name=d.name, kind=d.kind, attribute=d.attribute,
@@ -573,6 +601,71 @@ class Pipeline:
             raise InvalidArgument(field, "set either image or latent")
         return (await self._invert_photo(source.image, f"{field}.image", 1, call)).wplus[0]
 
+    async def originals_of(self, wplus: np.ndarray, originals: list[np.ndarray] | None,
+                           call: Call) -> list[np.ndarray]:
+        """The faces an optimization starts from: the aligned photo crops, or for a latent
+        source the generator's own image of it."""
+        if originals is not None:
+            return originals
+        zeros = np.zeros((len(wplus), self.manifest.style_total), np.float32)
+        return await self._synthesize("synthesis", {"wplus": wplus, "style_delta": zeros}, call)
+
+    async def classifier_logits(self, images: list[np.ndarray], call: Call) -> np.ndarray:
+        """The classifier's logits [N, A] (manifest.classifier_attributes order) of uint8 faces."""
+        size = self.manifest.classifier_resolution or self.manifest.resolution
+        batch = np.stack([to_tensor(img, size) for img in images])
+        return (await self.infer("classifier", {"image": batch}, call))["logits"].astype(np.float32)
+
+    async def check_regions(self, images: list[np.ndarray], regions: tuple[str, ...], method: str, call: Call) -> None:
+        """The masked methods change only inside the edited attributes' parser regions: a
+        face where the parser finds none of them cannot be edited (checked before the
+        optimization runs, the same way for both refine backends)."""
+        size = self.manifest.parser_resolution or self.manifest.resolution
+        labels = (await self.infer("parser", {"image": np.stack([to_tensor(img, size) for img in images])}, call))["labels"]
+        inside = np.isin(labels, fuse.class_indices(regions)).reshape(len(images), -1).any(axis=1)
+        if not inside.all():
+            missing = [i for i, ok in enumerate(inside) if not ok]
+            raise RefineRejected(f"{method}: the parser finds none of {list(regions)} in face(s) {missing}; "
+                                 "the method changes only inside the edited attribute's region")
+
+    def targets(self, logits: np.ndarray, changes: dict[str, float]) -> np.ndarray:
+        """Target logits [N, A] for the optimization methods: each requested attribute's own
+        value moved by its change (refine.target_logit), NaN for the rest."""
+        names = self.manifest.classifier_attributes
+        out = np.full(logits.shape, np.nan, np.float32)
+        for name, change in changes.items():
+            i = names.index(name)
+            r = self.manifest.readout(name)
+            for n in range(len(logits)):
+                out[n, i] = target_logit(float(logits[n, i]), change, r.low if r else None, r.span if r else None)
+        return out
+
+    async def refine_faces(self, method: str, wplus: np.ndarray, images: list[np.ndarray], targets: np.ndarray,
+                           budget: "OptimizationBudget", call: Call) -> list[RefineOutcome]:
+        """Run one optimization per face, one after another, within the request's deadline;
+        each step goes to EditStream as progress (step, total, loss, elapsed)."""
+        outcomes = []
+        total = budget.steps * len(wplus)
+        for i in range(len(wplus)):
+            time_left = call.remaining() - OPTIMIZATION_RESERVE_S
+            if time_left < MIN_OPTIMIZATION_S:
+                raise DeadlineExceeded(f"{time_left + OPTIMIZATION_RESERVE_S:.2f} s left of the deadline; {method} "
+                                       f"needs at least {MIN_OPTIMIZATION_S + OPTIMIZATION_RESERVE_S:g} s")
+            job = RefineJob(method=method, wplus=wplus[i], image=to_tensor(images[i], self.manifest.resolution),
+                            targets=targets[i], steps=budget.steps,
+                            time_budget_s=min(budget.time_budget_s, time_left))
+            done_before = budget.steps * i
+
+            async def report(step: int, _total: int, loss: float, offset: int = done_before) -> None:
+                await call.report(pb.Progress(step=offset + step, total_steps=total, loss=loss, stage="optimize",
+                                              elapsed_ms=call.elapsed_ms()))
+
+            outcome = await self.refine.run(job, call.remaining(), report)
+            call.log.info("%s face %d: %d/%d steps, stopped by %s, loss %.4g", method, i, outcome.steps_done,
+                          budget.steps, outcome.stopped_reason, outcome.loss)
+            outcomes.append(outcome)
+        return outcomes
+
     # ---- request validation -------------------------------------------------------------
 
     def _require(self, model: str, field: str = "") -> None:
@@ -582,15 +675,30 @@ class Pipeline:
                                 f"(it has {sorted(self.manifest.models)})")
 
     def _method(self, value: int) -> MethodSpec:
-        served = [method_name(k) for k in sorted(self.methods)]
+        methods = self.served_methods()
+        served = [method_name(k) for k in sorted(methods)]
         if value == pb.EDIT_METHOD_UNSPECIFIED:
             value = pb.EDIT_METHOD_DIRECTION
         if value not in pb.EditMethod.values():
             raise InvalidArgument("method", f"unknown method {value}; valid: {served}")
-        spec = self.methods.get(value)
+        spec = methods.get(value)
         if spec is None:
-            raise Unimplemented(f"method {method_name(value)} is not served by this deployment yet; served: {served}")
+            known = METHODS.get(value)
+            why = ""
+            if known is not None and value not in self.methods:
+                why = f" (its model set lacks {self._missing(known)})"
+            elif known is not None:  # an optimization method with nowhere to run
+                why = f" ({self.refine.unavailable_reason()})"
+            raise Unimplemented(f"method {method_name(value)} is not served by this deployment{why}; served: {served}")
         return spec
+
+    def _missing(self, spec: MethodSpec) -> str:
+        models = [m for m in ("synthesis", *spec.models) if m not in self.manifest.models]
+        kinds = {d.kind for d in self.manifest.directions}
+        parts = [f"model {m!r}" for m in models]
+        if spec.direction_kind and spec.direction_kind not in kinds:
+            parts.append(f"{spec.direction_kind} directions")
+        return " and ".join(parts)
 
     def _synthesis_model(self, preview: bool) -> str:
         if preview:
@@ -648,6 +756,18 @@ def layer_schedule(ts: np.ndarray, n_latent: int) -> np.ndarray:
     return np.clip((ts[:, None] - starts[None]) / 0.5, 0.0, 1.0).astype(np.float32)
 
 
+def load_exemplars(root: Path, manifest: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """attribute -> (low, high) W+ codes [L, D] of the set's reference exemplars."""
+    shape = (manifest.n_latent, manifest.style_dim)
+    table = {}
+    for e in manifest.exemplars:
+        pair = tuple(np.load(Path(root) / f, allow_pickle=False).astype(np.float32) for f in (e.low, e.high))
+        if any(code.shape != shape or not np.isfinite(code).all() for code in pair):
+            raise ValueError(f"exemplars of {e.attribute!r} ({e.low}, {e.high}) must be finite W+ codes of shape {list(shape)}")
+        table[e.attribute] = pair
+    return table
+
+
 def load_directions(root: Path, manifest: Manifest) -> algebra.DirectionSet:
     """The model set's direction files, checked against the generator's W+ shape."""
     table = {d.name: np.load(Path(root) / d.file, allow_pickle=False) for d in manifest.directions}
@@ -680,7 +800,7 @@ def _check_options(request: pb.EditRequest, allowed: str | None) -> None:
 
 def _no_keep(request: pb.EditRequest) -> None:
     if request.keep:
-        raise InvalidArgument("keep", "conditional edits (keep) are only supported by method DIRECTION")
+        raise InvalidArgument("keep", "conditional edits (keep) are only supported by methods DIRECTION and OPTIMIZATION")
 
 
 def _direction_strength(p: "Pipeline", d: DirectionSpec, edit: pb.AttributeEdit, field: str) -> float:
@@ -690,11 +810,10 @@ def _direction_strength(p: "Pipeline", d: DirectionSpec, edit: pb.AttributeEdit,
     return check_strength(edit.strength, field, *UNSUPERVISED_RANGE, f"direction {d.name!r}")
 
 
-def _plan_directions(p: "Pipeline", request: pb.EditRequest, kinds: tuple[str, ...]) -> EditPlan:
-    """Linear W+ edits along directions of the given kinds (InterFaceGAN / GANSpace / SeFa):
-    w + strength * scale * direction on the edit's layer range."""
-    _check_edit_count(request, p, needed=True)
-    _check_options(request, None)
+def _direction_steps(p: "Pipeline", request: pb.EditRequest,
+                     kinds: tuple[str, ...]) -> tuple[list[tuple[np.ndarray, float, tuple[int, int]]], tuple[str, ...]]:
+    """Validate edits along directions of the given kinds (InterFaceGAN / GANSpace / SeFa)
+    -> ([(direction, latent distance, layers)], parser regions the edits may change)."""
     interfacegan = kinds == ("interfacegan",)
     if not interfacegan:
         _no_keep(request)
@@ -732,13 +851,26 @@ def _plan_directions(p: "Pipeline", request: pb.EditRequest, kinds: tuple[str, .
         attr_regions = p.manifest.attribute(d.attribute).regions if d.attribute else ()
         regions.update(attr_regions)
         whole_face = whole_face or not attr_regions
+    return steps, () if whole_face else tuple(sorted(regions))
 
-    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
-        for vector, distance, layers in steps:
-            wplus = algebra.apply_direction(wplus, vector, distance, layers)
-        return wplus, _no_style(len(wplus), p)
 
-    return EditPlan(apply=apply, regions=() if whole_face else tuple(sorted(regions)))
+def _apply_steps(wplus: np.ndarray, steps: list[tuple[np.ndarray, float, tuple[int, int]]]) -> np.ndarray:
+    for vector, distance, layers in steps:
+        wplus = algebra.apply_direction(wplus, vector, distance, layers)
+    return wplus
+
+
+def _plan_directions(p: "Pipeline", request: pb.EditRequest, kinds: tuple[str, ...]) -> EditPlan:
+    """Linear W+ edits along directions of the given kinds (InterFaceGAN / GANSpace / SeFa):
+    w + strength * scale * direction on the edit's layer range."""
+    _check_edit_count(request, p, needed=True)
+    _check_options(request, None)
+    steps, regions = _direction_steps(p, request, kinds)
+
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        return _apply_steps(wplus, steps), _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=regions)
 
 
 def plan_direction(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
@@ -753,16 +885,80 @@ def plan_sefa(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
     return _plan_directions(p, request, ("sefa",))
 
 
+def _attribute_edits(p: "Pipeline", request: pb.EditRequest, known: Collection[str],
+                     what: str) -> list[tuple[int, AttributeSpec, pb.AttributeEdit]]:
+    """Edits that name attributes of `known` (each at most once) -> (index, attribute, edit).
+    Strengths are checked by the caller: their range depends on the method."""
+    _check_edit_count(request, p, needed=True)
+    out = []
+    for i, e in enumerate(request.edits):
+        if e.name not in known:
+            raise InvalidArgument(f"edits[{i}].name", f"{what} has no attribute {shown(e.name)}; valid: {sorted(known)}")
+        if any(e.name == other.name for _, other, _ in out):
+            raise InvalidArgument(f"edits[{i}].name", f"names {e.name!r} a second time; edit an attribute once")
+        out.append((i, p.manifest.attribute(e.name), e))
+    return out
+
+
+def _attribute_strength(i: int, a: AttributeSpec, e: pb.AttributeEdit) -> float:
+    return check_strength(e.strength, f"edits[{i}].strength", a.minimum, a.maximum, f"attribute {a.name!r}")
+
+
+def _no_layers(request: pb.EditRequest, why: str) -> None:
+    for i, e in enumerate(request.edits):
+        if e.HasField("layers"):
+            raise InvalidArgument(f"edits[{i}].layers", why)
+
+
+def _regions_of(attributes: Sequence[AttributeSpec]) -> tuple[str, ...]:
+    """The parser classes edits of these attributes may change; () = the whole face (some
+    attribute lives everywhere)."""
+    if any(not a.regions for a in attributes):
+        return ()
+    return tuple(sorted({r for a in attributes for r in a.regions}))
+
+
 def plan_stylespace(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
-    """StyleSpace: add strengths to chosen (layer, channel) entries of S."""
+    """StyleSpace: add strengths to (layer, channel) entries of S: the channels the set found
+    for an attribute (edits, strengths in attribute units), or explicit stylespace.channels."""
     _no_keep(request)
     _check_options(request, "stylespace")
+    if request.edits and request.stylespace.channels:
+        raise InvalidArgument("edits", "and stylespace.channels are both set; STYLESPACE takes attribute edits "
+                              "or explicit channels, not both")
     if request.edits:
-        raise InvalidArgument("edits", "STYLESPACE edits style channels: set stylespace.channels "
-                              "(layer, channel, strength); this model set maps no attribute names to channels")
+        entries, regions = _stylespace_attributes(p, request)
+    else:
+        entries, regions = _stylespace_channels(p, request), ()
+    delta = p.layout.style_delta(entries)
+
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        return wplus, np.repeat(delta[None], len(wplus), axis=0)
+
+    return EditPlan(apply=apply, regions=regions)
+
+
+def _stylespace_attributes(p: "Pipeline", request: pb.EditRequest) -> tuple[list[tuple[int, int, float]], tuple[str, ...]]:
+    """Attribute edits -> style entries: each of the attribute's channels moves by its
+    calibrated weight (style change per attribute unit) times the strength."""
+    table = p.manifest.stylespace_channels
+    if not table:
+        raise InvalidArgument("edits", "STYLESPACE by attribute needs the model set's StyleSpace channels, and this set "
+                              "maps no attribute to channels; set stylespace.channels (layer, channel, strength)")
+    _no_layers(request, "STYLESPACE edits style channels, not W+ layers")
+    edits = _attribute_edits(p, request, table, "the set's StyleSpace channels")
+    entries = []
+    for i, a, e in edits:
+        strength = _attribute_strength(i, a, e)
+        entries += [(layer, channel, weight * strength) for layer, channel, weight in table[a.name]]
+    return entries, _regions_of([a for _, a, _ in edits])
+
+
+def _stylespace_channels(p: "Pipeline", request: pb.EditRequest) -> list[tuple[int, int, float]]:
     channels = request.stylespace.channels
     if not channels:
-        raise InvalidArgument("stylespace.channels", "is empty; STYLESPACE needs at least one (layer, channel, strength)")
+        raise InvalidArgument("stylespace.channels", "is empty; STYLESPACE needs attribute edits or at least one "
+                              "(layer, channel, strength)")
     if len(channels) > p.config.max_edits:
         raise InvalidArgument("stylespace.channels", f"has {len(channels)} entries; limit {p.config.max_edits}")
     entries = []
@@ -774,12 +970,7 @@ def plan_stylespace(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
         except ValueError as exc:
             raise InvalidArgument(f"stylespace.channels[{i}]", str(exc)) from None
         entries.append((c.layer, c.channel, strength))
-    delta = p.layout.style_delta(entries)
-
-    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
-        return wplus, np.repeat(delta[None], len(wplus), axis=0)
-
-    return EditPlan(apply=apply, regions=())
+    return entries
 
 
 def plan_mapper(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
@@ -802,7 +993,7 @@ def plan_mapper(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
         regions.update(a.regions)
         whole_face = whole_face or not a.regions
 
-    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
         inputs = {"wplus": wplus, "delta_attributes": np.repeat(delta[None], len(wplus), axis=0)}
         edited = (await p.infer("mapper", inputs, call))["wplus_edited"]
         return edited.astype(np.float32), _no_style(len(wplus), p)
@@ -819,28 +1010,65 @@ def _check_source(p: "Pipeline", source: pb.FaceSource, field: str) -> None:
         read_wplus(source.latent, f"{field}.latent", p.manifest)
 
 
+def _exemplar_edits(p: "Pipeline", request: pb.EditRequest, options: str) -> list[tuple[int, AttributeSpec, pb.AttributeEdit]]:
+    """Attribute edits served with the set's reference exemplars (no second face given)."""
+    method = method_name(request.method)
+    if request.HasField(options):
+        raise InvalidArgument(options, f"and edits are both set; {method} takes a second face ({options}) or "
+                              "attribute edits (the model set's reference exemplars), not both")
+    if not p.exemplars:
+        raise InvalidArgument("edits", f"{method} by attribute needs the model set's reference exemplars, and this "
+                              f"set has none; set {options} with the second face")
+    return _attribute_edits(p, request, p.exemplars, "the set's reference exemplars")
+
+
 def plan_crossover(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
     """Image2StyleGAN style transfer by layer crossover: layers [0, split) from the source
     (coarse: pose, face shape), [split, L) from `other` (fine: colours, texture, lighting)."""
     _no_keep(request)
     _check_options(request, "crossover")
     if request.edits:
-        raise InvalidArgument("edits", "CROSSOVER takes no attribute edits; set crossover.other and crossover.split_layer")
+        return _plan_crossover_exemplars(p, request)
     if not request.HasField("crossover"):
-        raise InvalidArgument("crossover", "is required for CROSSOVER (the second face and the split layer)")
+        raise InvalidArgument("crossover", "is required for CROSSOVER without attribute edits (the second face and "
+                              "the split layer)")
     n_latent = p.manifest.n_latent
     split = request.crossover.split_layer or n_latent // 2
     if not 1 <= split <= n_latent - 1:
         raise InvalidArgument("crossover.split_layer", f"is {split}; must be in [1, {n_latent - 1}] (0 = {n_latent // 2})")
     _check_source(p, request.crossover.other, "crossover.other")
 
-    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
         other = await p.source_wplus(request.crossover.other, "crossover.other", call)
         edited = wplus.copy()
         edited[:, split:] = other[split:]
         return edited, _no_style(len(wplus), p)
 
     return EditPlan(apply=apply, regions=())
+
+
+def _plan_crossover_exemplars(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """CROSSOVER by attribute: layers [split, L) (the split the set chose for the attribute)
+    move toward the reference person at the attribute's high value, by strength / span of the
+    way (the strength in attribute units like every edit: hair_colour=1 takes the exemplar's
+    layers exactly, 0.5 half way); negative strengths move toward the low exemplar."""
+    _no_layers(request, "CROSSOVER by attribute uses the split layer the model set chose for it")
+    steps = []
+    edits = _exemplar_edits(p, request, "crossover")
+    for i, a, e in edits:
+        strength = _attribute_strength(i, a, e)
+        exemplar = p.manifest.exemplar(a.name)
+        share = min(abs(strength) / exemplar.span, 1.0)   # an attribute range wider than the exemplars': all the way
+        low, high = p.exemplars[a.name]
+        steps.append((exemplar.split_layer, high if strength >= 0 else low, share))
+
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        edited = wplus.copy()
+        for split, reference, t in steps:
+            edited[:, split:] = (1.0 - t) * edited[:, split:] + t * reference[None, split:]
+        return edited.astype(np.float32), _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=_regions_of([a for _, a, _ in edits]))
 
 
 def expression_layers(n_latent: int) -> tuple[int, int]:
@@ -858,9 +1086,10 @@ def plan_expression(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
     _no_keep(request)
     _check_options(request, "expression")
     if request.edits:
-        raise InvalidArgument("edits", "EXPRESSION_TRANSFER takes no attribute edits; set expression.expressive")
+        return _plan_expression_exemplars(p, request)
     if not request.HasField("expression"):
-        raise InvalidArgument("expression", "is required for EXPRESSION_TRANSFER (at least expression.expressive)")
+        raise InvalidArgument("expression", "is required for EXPRESSION_TRANSFER without attribute edits "
+                              "(at least expression.expressive)")
     opts = request.expression
     n_latent = p.manifest.n_latent
     layers = check_layers(opts.layers, "expression.layers", n_latent) if opts.HasField("layers") else expression_layers(n_latent)
@@ -871,7 +1100,7 @@ def plan_expression(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
         _check_source(p, opts.neutral, "expression.neutral")
     start, stop = layers
 
-    async def apply(wplus: np.ndarray, call: Call) -> tuple[np.ndarray, np.ndarray]:
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
         expressive = await p.source_wplus(opts.expressive, "expression.expressive", call)
         edited = wplus.copy()
         if with_neutral:
@@ -884,8 +1113,128 @@ def plan_expression(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
     return EditPlan(apply=apply, regions=EXPRESSION_REGIONS)
 
 
-# EditMethod -> how it is served. Optimization methods join here when their `refine` model
-# exists (ListEditors lists exactly the entries whose models the model set has).
+def _plan_expression_exemplars(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """EXPRESSION_TRANSFER by attribute: w + (strength / span) * (w_high - w_low) on the
+    expression layers (or the edit's layers), where w_high / w_low are one reference person
+    at the attribute's high and low value and `span` the value change between them, so the
+    strength is in attribute units (smile=0.8: 0.8 of the reference's smile)."""
+    steps = []
+    edits = _exemplar_edits(p, request, "expression")
+    n_latent = p.manifest.n_latent
+    for i, a, e in edits:
+        strength = _attribute_strength(i, a, e)
+        layers = check_layers(e.layers, f"edits[{i}].layers", n_latent) if e.HasField("layers") else expression_layers(n_latent)
+        low, high = p.exemplars[a.name]
+        steps.append((layers, strength / p.manifest.exemplar(a.name).span * (high - low)))
+
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        edited = wplus.copy()
+        for (start, stop), delta in steps:
+            edited[:, start:stop] += delta[None, start:stop]
+        return edited.astype(np.float32), _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=_regions_of([a for _, a, _ in edits]))
+
+
+# ---- optimization methods (run by p.refine: services/gateway/refine.py)
+
+
+@dataclass(frozen=True)
+class OptimizationBudget:
+    steps: int
+    time_budget_s: float
+
+
+def _optimization_budget(p: "Pipeline", request: pb.EditRequest) -> OptimizationBudget:
+    """optimization.steps / time_budget_s within the model set's limits (0 = its default)."""
+    settings = p.manifest.refine
+    o = request.optimization
+    for name in FIXED_HYPER_PARAMETERS:
+        if getattr(o, name):
+            raise InvalidArgument(f"optimization.{name}", f"is {getattr(o, name):g}; this deployment runs every method "
+                                  "with its published hyper-parameters, so only optimization.steps and "
+                                  "optimization.time_budget_s may be set (leave it 0)")
+    steps = o.steps or settings.default_steps
+    if not 1 <= steps <= settings.max_steps:
+        raise InvalidArgument("optimization.steps", f"is {o.steps}; must be in [1, {settings.max_steps}] "
+                              f"(0 = the default {settings.default_steps})")
+    budget = o.time_budget_s or settings.default_time_budget_s
+    if not (math.isfinite(budget) and MIN_OPTIMIZATION_S <= budget <= settings.max_time_budget_s):
+        raise InvalidArgument("optimization.time_budget_s", f"is {o.time_budget_s:g}; must be in "
+                              f"[{MIN_OPTIMIZATION_S:g}, {settings.max_time_budget_s:g}] seconds "
+                              f"(0 = the default {settings.default_time_budget_s:g})")
+    return OptimizationBudget(steps=steps, time_budget_s=float(budget))
+
+
+def plan_optimization(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """Image2StyleGAN: the photo's W+ embedding refined by optimization, starting from the
+    encoder's code, then the requested InterFaceGAN edits on the refined code (none = just
+    the closer reconstruction)."""
+    _check_options(request, "optimization")
+    if request.WhichOneof("source") != "image":
+        raise InvalidArgument("latent", "OPTIMIZATION refines the embedding of a photo; send image (a latent "
+                              "needs no embedding)")
+    _check_edit_count(request, p, needed=False)
+    budget = _optimization_budget(p, request)
+    steps, regions = _direction_steps(p, request, ("interfacegan",))
+
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        no_targets = np.full((len(wplus), len(p.manifest.classifier_attributes)), np.nan, np.float32)
+        outcomes = await p.refine_faces("OPTIMIZATION", wplus, originals, no_targets, budget, call)
+        return _apply_steps(np.stack([o.wplus for o in outcomes]), steps), _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=regions)
+
+
+def _target_edits(p: "Pipeline", request: pb.EditRequest) -> tuple[OptimizationBudget, dict[str, float], tuple[str, ...]]:
+    """The attribute changes an optimization method reaches for -> (budget, {attribute:
+    change in attribute units}, the parser regions they live in)."""
+    method = method_name(request.method)
+    _no_keep(request)
+    _check_options(request, "optimization")
+    budget = _optimization_budget(p, request)
+    _no_layers(request, f"{method} optimizes toward attribute targets, not along W+ layers")
+    known = [name for name in p.manifest.classifier_attributes if any(a.name == name for a in p.manifest.attributes)]
+    edits = _attribute_edits(p, request, known, "the classifier")
+    changes = {a.name: _attribute_strength(i, a, e) for i, a, e in edits}
+    # an attribute without regions (age, pose) may change the whole head
+    return budget, changes, tuple(sorted({r for name in changes for r in p.manifest.edit_regions(name)}))
+
+
+def plan_style_intervention(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """Style Intervention: a sparse style-space change dS, optimized until the classifier
+    sees each attribute moved by its requested change on the generator's image of the code,
+    the image outside the attribute's region kept."""
+    budget, changes, regions = _target_edits(p, request)
+
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        generated = await p.originals_of(wplus, None, call)   # its reference is G(w), not the photo
+        await p.check_regions(generated, regions, "STYLE_INTERVENTION", call)
+        targets = p.targets(await p.classifier_logits(generated, call), changes)
+        outcomes = await p.refine_faces("STYLE_INTERVENTION", wplus, generated, targets, budget, call)
+        return wplus, np.stack([o.style_delta for o in outcomes])
+
+    return EditPlan(apply=apply, regions=regions)
+
+
+def plan_masked_optimization(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
+    """MaskFaceGAN: W+ optimized until the classifier sees each attribute moved by its
+    requested change inside the attribute's parser region of the photo, the photo kept
+    outside it (a latent source's photo is its generated image)."""
+    budget, changes, regions = _target_edits(p, request)
+
+    async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
+        faces = await p.originals_of(wplus, originals, call)
+        await p.check_regions(faces, regions, "MASKED_OPTIMIZATION", call)
+        targets = p.targets(await p.classifier_logits(faces, call), changes)
+        outcomes = await p.refine_faces("MASKED_OPTIMIZATION", wplus, faces, targets, budget, call)
+        return np.stack([o.wplus for o in outcomes]), _no_style(len(wplus), p)
+
+    return EditPlan(apply=apply, regions=regions)
+
+
+# EditMethod -> how it is served. ListEditors lists exactly the entries whose models,
+# directions (and, for the optimization methods, a place to run) this deployment has.
 METHODS: dict[int, MethodSpec] = {
     pb.EDIT_METHOD_DIRECTION: MethodSpec(
         "InterFaceGAN attribute boundaries in W+, strengths in calibrated attribute units; "
@@ -901,20 +1250,39 @@ METHODS: dict[int, MethodSpec] = {
         "Shen & Zhou, Closed-Form Factorization of Latent Semantics in GANs, CVPR 2021",
         False, (), "sefa", plan_sefa),
     pb.EDIT_METHOD_STYLESPACE: MethodSpec(
-        "per-channel edits of the style space S (stylespace.channels)",
+        "per-channel edits of the style space S: an attribute's channels (edits, where the model set "
+        "has them) or explicit stylespace.channels",
         "Wu et al., StyleSpace Analysis: Disentangled Controls for StyleGAN Image Generation, CVPR 2021",
         False, (), "", plan_stylespace),
+    pb.EDIT_METHOD_STYLE_INTERVENTION: MethodSpec(
+        "sparse style-space change optimized toward the requested attribute change inside its region; "
+        "optimization.steps / time_budget_s",
+        "Liu et al., Style Intervention: How to Achieve Spatial Disentanglement with Style-based Generators?, 2020",
+        True, ("classifier", "parser"), "", plan_style_intervention),
     pb.EDIT_METHOD_MAPPER: MethodSpec(
         "latent-to-latent mapper network: several attributes in one shot",
         "Khodadadeh et al., Latent to Latent: A Learned Mapper for Identity Preserving Editing "
         "of Multiple Face Attributes in StyleGAN-generated Images, WACV 2022",
         False, ("mapper",), "", plan_mapper),
+    pb.EDIT_METHOD_OPTIMIZATION: MethodSpec(
+        "W+ embedding of the photo refined by optimization from the encoder's code, then the attribute "
+        "edits; optimization.steps / time_budget_s",
+        "Abdal et al., Image2StyleGAN: How to Embed Images Into the StyleGAN Latent Space?, ICCV 2019",
+        True, ("encoder",), "", plan_optimization),
+    pb.EDIT_METHOD_MASKED_OPTIMIZATION: MethodSpec(
+        "W+ optimized toward the requested attribute change inside the attribute's parser region, the "
+        "photo kept outside; optimization.steps / time_budget_s",
+        "Pernus et al., MaskFaceGAN: High-Resolution Face Editing With Masked GAN Latent Code Optimization, "
+        "IEEE TIP 2023",
+        True, ("classifier", "parser"), "", plan_masked_optimization),
     pb.EDIT_METHOD_CROSSOVER: MethodSpec(
-        "layer crossover: coarse layers from this face, fine layers from crossover.other",
+        "layer crossover: coarse layers from this face, fine layers from crossover.other (or, for an "
+        "attribute edit, toward the model set's reference person at the attribute's high or low value)",
         "Abdal et al., Image2StyleGAN: How to Embed Images Into the StyleGAN Latent Space?, ICCV 2019",
         False, (), "", plan_crossover),
     pb.EDIT_METHOD_EXPRESSION_TRANSFER: MethodSpec(
-        "expression transfer: w_A + (w_B_expressive - w_B_neutral) on the expression layers",
+        "expression transfer: w_A + (w_B_expressive - w_B_neutral) on the expression layers (for an "
+        "attribute edit, B is the model set's reference person at the attribute's low and high value)",
         "Abdal et al., Image2StyleGAN: How to Embed Images Into the StyleGAN Latent Space?, ICCV 2019",
         False, (), "", plan_expression),
 }
