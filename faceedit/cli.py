@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("exporters.export", "export a model set to ONNX and write a Triton model repository"),
     "triton": ("exporters.triton", "run the real Triton server on a model repository until SIGTERM"),
     "train": ("faceedit.world.train", "train the default model set on the synthetic face world"),
+    "editor-data": ("faceedit.world.editors", "add StyleSpace channels, exemplars and refine checkpoints to a trained model set"),
     "eval": ("faceedit.world.evaluate", "measure inversion and editing quality on held-out rendered faces"),
     "bench": ("bench.run", "latency/throughput of PyTorch, ONNX Runtime and Triton side by side"),
 }

@@ -54,6 +54,7 @@ from faceedit.nets.content import ContentEncoder, ContentEncoderConfig
 from faceedit.nets.mapper import LatentMapper, MapperConfig
 from faceedit.world.attributes import ATTRIBUTES
 from faceedit.world.dataset import render_shards
+from faceedit.world.editors import EditorDataError
 from faceedit.world.trainers import autoencoder, classifier, content, directions, mapper, parser
 from faceedit.world.trainers.common import (KIND_CONTENT_ENCODER, KIND_MAPPER, RunPaths, StageContext, StageOutcome,
                                             TrainingError, load_classifier, load_encoder, load_generator,
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     config = dataclasses.replace(PRESETS[args.preset], seed=args.seed)
     try:
         summary = train(config, args.out, args.minutes, args.bundle, args.max_bundle_mb)
-    except (TrainingError, BundleError, CheckpointError) as exc:
+    except (TrainingError, BundleError, CheckpointError, EditorDataError) as exc:
         log.error("%s", exc)
         return 1
     total = sum(r["seconds"] for r in summary.values())
