@@ -177,7 +177,8 @@ def test_bar_verdicts_judge_only_measured_methods_that_cover_every_attribute():
 def test_cli_rejects_a_bad_flag_before_loading_models(tmp_path, caplog):
     from faceedit.cli import main
 
-    code = main(["eval", "--model-set", str(tmp_path / "missing"), "--n-faces", "1", "--json", str(tmp_path / "x.json")])
+    code = main(["eval", "--model-set", str(tmp_path / "missing"), "--n-faces", "1",
+                 "--json", str(tmp_path / "x.json")])
     assert code == 1
     assert "n_faces" in caplog.text and not (tmp_path / "x.json").exists()
 

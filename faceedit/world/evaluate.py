@@ -79,9 +79,8 @@ _METHOD_NOTES: dict[str, str] = {
     "stylespace": "StyleSpace (STYLESPACE by attribute): the model set's channels for the attribute, strength = "
                   "the requested change",
     "mapper": "Latent-to-Latent mapper (MAPPER), delta = the requested change",
-    "crossover": "Image2StyleGAN layer crossover (CROSSOVER by attribute) with the model set's reference person: "
-                 "strength = the fraction of the way to the far end that was asked (1 for a flip), signed toward "
-                 "the high or the low exemplar",
+    "crossover": "Image2StyleGAN layer crossover (CROSSOVER by attribute) with the model set's reference person, "
+                 "strength = the requested change",
     "expression_transfer": "Image2StyleGAN expression transfer (EXPRESSION_TRANSFER by attribute) with the model "
                            "set's reference person, strength = the requested change",
     "optimization": "Image2StyleGAN embedding (OPTIMIZATION: the encoder's code refined on the photo, the step "
@@ -495,13 +494,8 @@ class Evaluation:
 
             component, slope = tables[base][task.name]
             strength = task.change / self.specs[task.attribute].span / slope if slope != 0 else 0.0
-            request.edits.append(pb.AttributeEdit(name=component, strength=float(np.clip(strength, *UNSUPERVISED_RANGE))))
-            return request
-        if base == "crossover":
-            spec = self.specs[task.attribute]
-            far = spec.high if task.change > 0 else spec.low
-            share = min(1.0, task.change / (far - task.before))     # of the way to that end: 0.8, or 1 for a flip
-            request.edits.append(pb.AttributeEdit(name=task.name, strength=math.copysign(share, task.change)))
+            strength = float(np.clip(strength, *UNSUPERVISED_RANGE))
+            request.edits.append(pb.AttributeEdit(name=component, strength=strength))
             return request
         request.edits.append(pb.AttributeEdit(name=task.name, strength=task.change))
         if base == "direction_conditional":
@@ -773,7 +767,8 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 BARS = (
@@ -996,7 +991,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the optimization methods are scored on this many of the faces (the first ones; "
                              f"default {EvalConfig.optimization_faces})")
     parser.add_argument("--calibration-faces", type=int, default=EvalConfig.calibration_faces,
-                        help=f"faces for the GANSpace/SeFa/StyleSpace calibration (default {EvalConfig.calibration_faces})")
+                        help="faces for the GANSpace/SeFa component-to-attribute calibration "
+                             f"(default {EvalConfig.calibration_faces})")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op and torch threads (default 2)")
     parser.add_argument("--json", type=Path, required=True, help="write the figures here (JSON)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the report (e.g. QUALITY.md)")
@@ -1037,14 +1033,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
-    result["setup"] = describe_setup(command_line(args), args.model_set, args.run_dir, pipeline.manifest, config,
+    result["setup"] = describe_setup(command_line(args), shown_path(args.model_set), shown_path(args.run_dir),
+                                     pipeline.manifest, config,
                                      time.perf_counter() - started)
     write_report(result, args.json, args.markdown)
     print_table(result)
     return 0
 
 
-def describe_setup(command: str, model_set: Path, run_dir: Path, manifest: Manifest, config: EvalConfig,
+def describe_setup(command: str, model_set: str | Path, run_dir: str | Path, manifest: Manifest, config: EvalConfig,
                    seconds: float) -> dict:
     """The `setup` block of the report: how, where and when the figures were measured."""
     return {
@@ -1062,10 +1059,20 @@ def describe_setup(command: str, model_set: Path, run_dir: Path, manifest: Manif
     }
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it (the report then names
+    the repository's folders, not this machine's absolute paths)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run (from the parsed flags, not sys.argv, so it is
     the same however the CLI was entered)."""
-    parts = ["faceedit", "eval", "--model-set", str(args.model_set), "--run-dir", str(args.run_dir),
+    parts = ["faceedit", "eval", "--model-set", shown_path(args.model_set), "--run-dir", shown_path(args.run_dir),
              "--n-faces", str(args.n_faces)]
     if args.methods:
         parts += ["--methods", *args.methods]

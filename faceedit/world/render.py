@@ -219,7 +219,7 @@ def _geometry(identity: np.ndarray, attributes: np.ndarray) -> _Geometry:
         tilt=f["eye_tilt"], iris_r=0.043 * np.sqrt(eye_size), gaze=f["gaze"],
         bh=f["brow_height"], bt=f["brow_thickness"], ba=f["brow_arch"],
         nl=f["nose_length"], nw=f["nose_width"],
-        m=f["mouth_height"], mw=mw0 * (1.0 + 0.12 * smile), lift=0.055 * smile,
+        m=f["mouth_height"], mw=mw0 * (1.0 + 0.2 * smile), lift=0.09 * smile,
         gap=0.12 * open_, tu=0.047 * f["lip_thickness"], tl=0.058 * f["lip_thickness"], mw0=mw0,
         ear=f["ear_size"], vol=f["hair_volume"],
         hair_end=0.05 + 1.3 * f["hair_length"], part=f["hair_parting"], hl=f["hairline"],

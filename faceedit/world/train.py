@@ -67,16 +67,21 @@ DEFAULT_MINUTES = 80.0
 DEFAULT_MAX_BUNDLE_MB = 40.0
 DESCRIPTION = "trained by faceedit train on the synthetic face world, {res} px"
 
-# Parser classes where each attribute lives (AttributeSpec.regions, for local edits);
-# () = the whole face (pose and age change everything).
+# Parser classes where each attribute lives (AttributeSpec.regions, for local edits: the
+# gateway fuses an edit into the photo only inside them). Age greys the hair and draws
+# wrinkles and folds on the skin; a head turn moves every part of the head but leaves the
+# background, clothes and neck where they are (the union of the original's and the edited
+# face's regions also covers background the turn uncovers).
+HEAD_REGIONS: tuple[str, ...] = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
+                                 "nose", "mouth", "u_lip", "l_lip", "hair", "hat")
 ATTRIBUTE_REGIONS: dict[str, tuple[str, ...]] = {
     "smile": ("mouth", "u_lip", "l_lip", "skin"),
     "mouth_open": ("mouth", "u_lip", "l_lip"),
     "eyeglasses": ("eye_g",),
     "beard": ("skin",),
     "hair_colour": ("hair",),
-    "age": (),
-    "yaw": (),
+    "age": ("skin", "nose", "hair"),
+    "yaw": HEAD_REGIONS,
     "lipstick": ("u_lip", "l_lip"),
     "bangs": ("hair", "skin"),
 }

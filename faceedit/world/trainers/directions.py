@@ -1,12 +1,18 @@
 """Stage `directions`: editing directions of the trained generator, all [D] unit vectors in W.
 
-* InterFaceGAN (Shen et al.): sample w = mapping(z), synthesise, score every attribute with
-  the trained classifier; per attribute the top `direction_quantile` of scores are positives
-  and the bottom ones negatives, and an L2-regularised logistic regression on standardised
+* InterFaceGAN (Shen et al.): latent codes with attribute labels; per attribute the top
+  `direction_quantile` of labels are positives and the bottom ones negatives (a binary
+  attribute: present / absent), and an L2-regularised logistic regression on standardised
   w gives the boundary; its unit normal (in unstandardised W, pointing toward more of the
-  attribute) is the direction.
-* Calibration: sampled w are moved along each direction by a few latent distances, the
-  classifier measures the attribute change in the attribute's own units, and
+  attribute) is the direction. The paper labels sampled w = mapping(z) with a classifier;
+  we fit on the e4e inversions of `direction_samples` training renders (w = the mean of
+  their W+ rows) labelled with the renders' exact attributes. Why: the codes the service
+  edits are inversions, not mapping samples, and our CPU-trained mapping rarely samples
+  the rare attributes (eyeglasses, an open mouth): the first run's boundaries for those
+  were fitted on classifier noise (score spread < 0.01 of the range).
+* Calibration: inversions of `calibration_samples` other training renders are moved along
+  each direction (every W+ row) by a few latent distances, the classifier measures the
+  attribute change of the generated images in the attribute's own units, and
   `faceedit.edits.fit_calibration` fits distance = scale * change + offset. DirectionSpec.scale
   is that scale (latent distance per attribute unit), so an API strength is in attribute units.
 * GANSpace (Härkönen et al.): `fit_pca` of the sampled w, top components; scale = the
@@ -28,9 +34,9 @@ import torch
 from faceedit.edits import fit_calibration, fit_pca, sefa_directions
 from faceedit.modelset import DirectionSpec
 from faceedit.world.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
-from faceedit.world.dataset import attribute_targets, attribute_values
-from faceedit.world.trainers.common import (StageContext, StageOutcome, TrainingError, load_classifier,
-                                            load_generator, write_json_atomic)
+from faceedit.world.dataset import ATTRIBUTE_LOW, ATTRIBUTE_SPAN, BINARY_ATTRIBUTES, attribute_values, images_to_tensor
+from faceedit.world.trainers.common import (StageContext, StageOutcome, TrainingError, batched, load_classifier,
+                                            load_encoder, load_generator, write_json_atomic)
 
 log = logging.getLogger("faceedit.train")
 
@@ -84,36 +90,44 @@ def run(ctx: StageContext) -> StageOutcome:
     n_latent = g.config.n_latent
     gen = torch.Generator().manual_seed(ctx.seed())
 
-    def scores(w: torch.Tensor) -> torch.Tensor:
-        """Classifier logits of G(w) for w [M, D], in batches."""
+    def scores(wplus: torch.Tensor) -> torch.Tensor:
+        """Classifier logits of G(w+) for w+ [M, L, D], in batches."""
         with torch.no_grad():
-            return torch.cat([classifier(g.synthesis(g.broadcast(w[i:i + BATCH]))) for i in range(0, len(w), BATCH)])
+            return torch.cat([classifier(g.synthesis(wplus[i:i + BATCH])) for i in range(0, len(wplus), BATCH)])
 
+    # inversions of training renders with their exact attributes (see the module docstring)
+    rows = torch.randperm(len(ctx.data), generator=gen)[:cfg.direction_samples + cfg.calibration_samples].numpy()
+    encoder, latent_avg = load_encoder(ctx.paths.model("encoder"))
     with torch.no_grad():
-        z = torch.randn(cfg.direction_samples, cfg.style_dim, generator=gen)
-        w = torch.cat([g.mapping(z[i:i + 1024]) for i in range(0, len(z), 1024)])
-    logits = scores(w)
-    scaled = attribute_targets(attribute_values(logits)).numpy()  # [M, A] in [0, 1]
-    w_np = w.numpy().astype(np.float64)
+        wplus = batched(lambda x: encoder(x) + latent_avg, images_to_tensor(ctx.data.images[rows]))
+    fit_rows, cal_rows = slice(0, len(rows) - cfg.calibration_samples), slice(len(rows) - cfg.calibration_samples, None)
+    w_np = wplus[fit_rows].mean(dim=1).numpy().astype(np.float64)
+    truth = ctx.data.attributes[rows[fit_rows]].astype(np.float64)     # [M, A] in attribute units
     specs: list[dict] = []
     metrics: dict[str, float] = {}
     normals: dict[str, np.ndarray] = {}
     k = max(1, int(round(cfg.direction_quantile * len(w_np))))
     for a, name in enumerate(ATTRIBUTE_NAMES):
-        order = np.argsort(scaled[:, a], kind="stable")
-        chosen = np.concatenate([order[:k], order[-k:]])
-        labels = np.concatenate([np.zeros(k), np.ones(k)])
+        present = truth[:, a] > ATTRIBUTE_LOW[a] + ATTRIBUTE_SPAN[a] / 2
+        if a in BINARY_ATTRIBUTES and 0 < present.sum() < len(present):
+            labels = present.astype(np.float64)
+            chosen = np.arange(len(w_np))
+        else:   # continuous (or a binary one a tiny run samples on one side only): the quantiles
+            order = np.argsort(truth[:, a], kind="stable")
+            chosen = np.concatenate([order[:k], order[-k:]])
+            labels = np.concatenate([np.zeros(k), np.ones(k)])
         try:
             normal, accuracy = fit_boundary(w_np[chosen], labels)
         except ValueError as exc:
             raise TrainingError(f"directions: cannot fit the {name!r} boundary: {exc}") from exc
         normals[name] = normal
         metrics[f"boundary_accuracy_{name}"] = accuracy
-        metrics[f"score_spread_{name}"] = float(scaled[order[-k:], a].mean() - scaled[order[:k], a].mean())
+        metrics[f"label_spread_{name}"] = float((truth[chosen, a][labels > 0.5].mean()
+                                                 - truth[chosen, a][labels < 0.5].mean()) / ATTRIBUTE_SPAN[a])
 
     # calibration: distance along each normal -> measured change in attribute units
-    n_cal = min(cfg.calibration_samples, len(w))
-    base = w[:n_cal]
+    base = wplus[cal_rows]
+    n_cal = len(base)
     base_values = attribute_values(scores(base))
     samples = {}
     for a, name in enumerate(ATTRIBUTE_NAMES):
@@ -122,7 +136,7 @@ def run(ctx: StageContext) -> StageOutcome:
         distances, changes = [], []
         for step in CALIBRATION_STEPS:
             dist = step * sigma
-            moved = attribute_values(scores(base + dist * normal))
+            moved = attribute_values(scores(base + dist * normal))   # every W+ row moves
             distances.append(np.full(n_cal, dist))
             changes.append((moved[:, a] - base_values[:, a]).numpy())
         samples[name] = (np.concatenate(distances), np.concatenate(changes))
@@ -138,6 +152,10 @@ def run(ctx: StageContext) -> StageOutcome:
         _save_npy(ctx.paths.root / spec.file, normals[name])
         specs.append(dataclasses.asdict(spec))
 
+    # GANSpace and SeFa as in their papers: statistics of sampled w = mapping(z)
+    with torch.no_grad():
+        z = torch.randn(cfg.direction_samples, cfg.style_dim, generator=gen)
+        w_np = torch.cat([g.mapping(z[i:i + 1024]) for i in range(0, len(z), 1024)]).numpy().astype(np.float64)
     kcomp = min(cfg.unsupervised_components, cfg.style_dim, len(w_np) - 1)
     pca = fit_pca(w_np, kcomp)
     for i in range(kcomp):
