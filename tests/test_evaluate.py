@@ -15,8 +15,8 @@ import torch
 from faceedit.modelset import AttributeSpec, DirectionSpec, Manifest, ModelFile, write_manifest
 from faceedit.world import metrics
 from faceedit.world.attributes import HELD_OUT_SEED_START, IDENTITY_DTYPE
-from faceedit.world.evaluate import (EvalConfig, WorldAttribute, bar_verdicts, describe_setup, edit_tasks, evaluate,
-                                     held_out_faces, write_report)
+from faceedit.world.evaluate import (EvalConfig, Gallery, WorldAttribute, bar_verdicts, best_variant, describe_setup,
+                                     edit_tasks, evaluate, held_out_faces, write_figure, write_report)
 
 # ---------------------------------------------------------------------------------------
 # metrics
@@ -273,7 +273,8 @@ def test_eval_end_to_end_writes_the_fixed_json_schema(scripted_set, tmp_path):
     backend = ScriptedBackend()
     pipeline = Pipeline(config, manifest, backend, AlignerLoader(config.aligner), GatewayMetrics())
     eval_config = EvalConfig(n_faces=2, methods=("direction", "mapper_fused"))
-    result = asyncio.run(evaluate(pipeline, identity, eval_config))
+    gallery = Gallery(n_faces=1)
+    result = asyncio.run(evaluate(pipeline, identity, eval_config, gallery))
     result["setup"] = describe_setup("faceedit eval (test)", root, tmp_path, manifest, eval_config, 0.0)
     json_path, md_path = tmp_path / "eval.json", tmp_path / "QUALITY.md"
     write_report(result, json_path, md_path)
@@ -302,3 +303,22 @@ def test_eval_end_to_end_writes_the_fixed_json_schema(scripted_set, tmp_path):
     assert "parser" in backend.calls and "content_encoder" in backend.calls and "mapper" in backend.calls
     report = md_path.read_text()
     assert "| direction |" in report and "Bars of the issue" in report and "NOT MEASURED" not in report.split("##")[2]
+
+    # the figure: header + (edit row + ground-truth row) per kept face; 3 lead columns + one per attribute
+    assert gallery.edits["mapper_fused"].shape == (1, len(A_NAMES), R, R, 3)
+    assert set(gallery.reconstructions) == {"w", "fused"}
+    assert best_variant(result) == "mapper_fused"       # the only method with no n/a
+    assert write_figure(gallery, result, tmp_path / "fig.png", scale=2) == "mapper_fused"
+    from PIL import Image
+    with Image.open(tmp_path / "fig.png") as fig:
+        pixels = np.asarray(fig.convert("RGB"))
+    assert pixels.shape == (14 + 2 * 2 * R, (3 + len(A_NAMES)) * 2 * R, 3)
+    # face 0: its render in column 0, the mapper's edit of the first attribute in column 3 and the
+    # ground truth below it, pixel for pixel (nearest 2x)
+    def tile(row: int, col: int) -> np.ndarray:
+        return pixels[14 + row * 2 * R:14 + (row + 1) * 2 * R:2, col * 2 * R:(col + 1) * 2 * R:2]
+    np.testing.assert_array_equal(tile(0, 0), gallery.originals[0])
+    np.testing.assert_array_equal(tile(0, 3), gallery.edits["mapper_fused"][0, 0])
+    np.testing.assert_array_equal(tile(1, 3), gallery.truths[0, 0])
+    with pytest.raises(ValueError, match="figure"):
+        write_figure(gallery, result, tmp_path / "none.png", variant="sefa")

@@ -11,7 +11,6 @@ folder keyed by the exporter's and networks' sources, so later runs reuse it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import shutil
@@ -32,32 +31,7 @@ from services.gateway.align import FaceAligner
 from services.gateway.config import GatewayConfig
 from test_gateway_server import ServerThread, faceedit_cli, metric_value, png_bytes, status_of
 
-REPO = Path(__file__).resolve().parent.parent
-# sources whose change can change the exported tiny set
-SET_SOURCES = ("exporters", "faceedit/nets", "faceedit/ops.py", "faceedit/onnx_export.py", "faceedit/modelset.py")
 SEED = 0
-
-
-def sources_digest() -> str:
-    h = hashlib.sha256()
-    for entry in SET_SOURCES:
-        path = REPO / entry
-        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            if f.is_file():
-                h.update(str(f.relative_to(REPO)).encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-@pytest.fixture(scope="session")
-def tiny_set(pytestconfig) -> Path:
-    """The exporter's tiny seeded model set (built once per source version)."""
-    from exporters.model_set import build_tiny_model_set
-
-    root = pytestconfig.cache.mkdir("faceedit-tiny-model-set") / f"seed{SEED}-{sources_digest()}"
-    if not (root / "manifest.json").is_file():
-        build_tiny_model_set(root, seed=SEED)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters.model_set import build_tiny_model_set, tiny_networks
+from exporters.model_set import tiny_networks
 from faceedit import modelset
 from faceedit.checkpoint import save_own
 from faceedit.cli import main as faceedit_main
@@ -45,7 +45,7 @@ from services.gateway import refine as gateway_refine
 from services.gateway.align import FaceAligner
 from services.gateway.config import GatewayConfig
 from services.gateway.pipeline import expression_layers, to_image, to_tensor
-from test_gateway_models import array, decoded, detectable_photo, sources_digest
+from test_gateway_models import array, decoded, detectable_photo
 from test_gateway_server import ServerThread, metric_value, png_bytes, status_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,13 +69,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def tiny_set(pytestconfig) -> Path:
-    """The exporter's tiny seeded set, cached exactly as test_gateway_models.py caches it."""
-    root = pytestconfig.cache.mkdir("faceedit-tiny-model-set") / f"seed{SEED}-{sources_digest()}"
-    if not (root / "manifest.json").is_file():
-        build_tiny_model_set(root, seed=SEED)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,9 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
-from exporters.model_set import cached_tiny_model_set
 from exporters.repository import (ENGINE_CACHE_ROOT, PYTHON_BACKEND_MODEL, SERVING, RepositoryError, read_model_io,
                                   render_config, write_repository)
 from faceedit.modelset import MODEL_NAMES, load_manifest
-
-SEED = 0
 
 
 def parse(path: Path) -> mc.ModelConfig:
@@ -23,10 +20,8 @@ def parse(path: Path) -> mc.ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def model_set(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / f"tiny-model-set-seed{SEED}"   # shared per session
-    cached_tiny_model_set(path, SEED)
-    return path
+def model_set(tiny_set) -> Path:
+    return tiny_set
 
 
 @pytest.fixture(scope="module")

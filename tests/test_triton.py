@@ -20,7 +20,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from exporters.model_set import cached_tiny_model_set, tiny_networks
+from exporters.model_set import tiny_networks
 from exporters.repository import write_repository
 from exporters.specs import SPECS
 from exporters.triton import TritonError, TritonServer
@@ -61,11 +61,8 @@ def metric(text: str, name: str, model: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def model_set(tmp_path_factory) -> Path:
-    # one tiny export per test session, shared with the other exporter tests
-    path = tmp_path_factory.getbasetemp() / f"tiny-model-set-seed{SEED}"
-    cached_tiny_model_set(path, SEED)
-    return path
+def model_set(tiny_set) -> Path:
+    return tiny_set
 
 
 LOOSE = "mapping_loose_shape"

@@ -284,6 +284,18 @@ class VariantOutput:
     seconds: np.ndarray        # float [T]
 
 
+@dataclass
+class Gallery:
+    """Images of the first `n_faces` faces for the report's figure (`--figure`): the renders,
+    their reconstructions, the ground-truth edits and every variant's edits."""
+
+    n_faces: int = 4
+    originals: np.ndarray | None = None                                   # uint8 [K, R, R, 3]
+    reconstructions: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # "w"/"fused" -> [K, R, R, 3]
+    truths: np.ndarray | None = None                                      # uint8 [K, A, R, R, 3]
+    edits: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # variant -> [K, A, R, R, 3]
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -383,7 +395,7 @@ class Evaluation:
 
     # ---- inversion -------------------------------------------------------------------
 
-    async def inversion(self, faces: Faces) -> tuple[np.ndarray, dict]:
+    async def inversion(self, faces: Faces, gallery: Gallery | None = None) -> tuple[np.ndarray, dict]:
         wplus, encode_s = await self.encode(faces.images)
         zeros = np.zeros((1, self.manifest.style_total), np.float32)
         figures: dict[str, float | int | None] = {"n_faces": len(faces.images), "latency_ms": 1000.0 * encode_s,
@@ -392,11 +404,15 @@ class Evaluation:
         if "synthesis_content" in self.manifest.models and "content_encoder" in self.manifest.models:
             branches.append(("fused", INVERSION_FUSION_WEIGHT))
         for suffix, weight in branches:
-            psnrs, ssims = [], []
+            psnrs, ssims, kept = [], [], []
             for i, img in enumerate(faces.images):
                 recon = (await self.synthesize(wplus[i:i + 1], zeros, [img], weight))[0]
                 psnrs.append(metrics.psnr(img, recon))
                 ssims.append(metrics.ssim(img, recon))
+                if gallery is not None and i < gallery.n_faces:
+                    kept.append(recon)
+            if gallery is not None:
+                gallery.reconstructions[suffix] = np.stack(kept)
             figures[f"psnr_{suffix}"] = float(np.mean(psnrs))
             figures[f"ssim_{suffix}"] = float(np.mean(ssims))
         return wplus, figures
@@ -524,15 +540,21 @@ class Evaluation:
         return Produced(edited.astype(np.float32), style.astype(np.float32), tuple(plan.regions),
                         time.perf_counter() - start)
 
-    async def finish(self, produced: Produced, original: np.ndarray, fused: bool) -> tuple[np.ndarray, float]:
+    async def finish(self, produced: Produced, original: np.ndarray, wplus: np.ndarray,
+                     fused: bool) -> tuple[np.ndarray, float]:
         """The gateway's stages after `edit` for a photo source (Pipeline.edit): synthesize
         (with the content branch when fused), then fuse into the original within the edit's
-        parser regions when it has some."""
+        parser regions when it has some; as the gateway does, the fuse stage's synthesis also
+        renders the unedited code `wplus` [1, L, D] as the reference of what changed."""
         start = time.perf_counter()
         weight = self.edit_fusion_weight if fused else None
-        crops = await self.synthesize(produced.wplus, produced.style_delta, [original], weight)
         if produced.regions and "parser" in self.manifest.models:
-            crops = await self.pipeline._fuse([original], crops, produced.regions, self.call)
+            codes = np.concatenate([produced.wplus, wplus])
+            deltas = np.concatenate([produced.style_delta, np.zeros_like(produced.style_delta)])
+            crop, reference = await self.synthesize(codes, deltas, [original, original], weight)
+            crops = await self.pipeline._fuse([original], [crop], [reference], produced.regions, self.call)
+        else:
+            crops = await self.synthesize(produced.wplus, produced.style_delta, [original], weight)
         return crops[0], time.perf_counter() - start
 
     async def run_base(self, base: str, variants: Sequence[str], tasks: Sequence[EditTask], faces: Faces,
@@ -550,7 +572,8 @@ class Evaluation:
             image = faces.images[task.face]
             produced = await self.produce(base, task, wplus[task.face:task.face + 1], image, tables)
             for v in variants:
-                out, seconds = await self.finish(produced, image, v.endswith(FUSED_SUFFIX))
+                out, seconds = await self.finish(produced, image, wplus[task.face:task.face + 1],
+                                                 v.endswith(FUSED_SUFFIX))
                 o = outputs[v]
                 o.images[k], o.applicable[k], o.failed[k] = out, True, produced.failed
                 o.seconds[k] = produced.seconds + seconds
@@ -661,9 +684,10 @@ def servable_variants(pipeline, identity_regressor) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-async def evaluate(pipeline, identity_regressor, config: EvalConfig) -> dict:
+async def evaluate(pipeline, identity_regressor, config: EvalConfig, gallery: Gallery | None = None) -> dict:
     """Every figure of the report (the JSON document, before `setup` is added). `pipeline` is
-    a services.gateway.pipeline.Pipeline (any backend); `identity_regressor` the run's."""
+    a services.gateway.pipeline.Pipeline (any backend); `identity_regressor` the run's. With
+    a `gallery`, the images of its first faces are kept there for the figure."""
     ev = Evaluation(pipeline, identity_regressor, config)
     manifest = ev.manifest
     size = manifest.resolution
@@ -675,13 +699,19 @@ async def evaluate(pipeline, identity_regressor, config: EvalConfig) -> dict:
 
     log.info("rendering %d held-out faces at %d px (seeds %d..)", config.n_faces, size, config.face_seed)
     faces = held_out_faces(config.face_seed, config.n_faces, size)
-    wplus, inversion = await ev.inversion(faces)
+    wplus, inversion = await ev.inversion(faces, gallery)
     log.info("inversion: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in inversion.items()})
 
     tasks = tuple(edit_tasks(faces.attributes, ev.specs, config.change_fraction))
     truths = ground_truth_renders(faces, tasks, size)
     originals = faces.images[[t.face for t in tasks]]
     regions = np.stack([metrics.edit_region(o, t, ev.radius) for o, t in zip(originals, truths)])
+    n_attributes = len(ev.specs)
+    if gallery is not None:
+        gallery.n_faces = min(gallery.n_faces, config.n_faces)
+        gallery.originals = faces.images[:gallery.n_faces]
+        gallery.truths = truths[:gallery.n_faces * n_attributes].reshape(gallery.n_faces, n_attributes,
+                                                                          *truths.shape[1:])
     face_readings = await ev.classify(faces.images)
     face_identity = ev.identity_features(faces.images)
     ref = Reference(tasks, originals, truths, regions, face_readings[[t.face for t in tasks]],
@@ -708,6 +738,9 @@ async def evaluate(pipeline, identity_regressor, config: EvalConfig) -> dict:
         outputs = await ev.run_base(base, variants, tasks, faces, wplus, tables)
         for variant in variants:
             o = outputs[variant]
+            if gallery is not None:   # tasks are face-major: face i's edits are rows [i * A, (i + 1) * A)
+                gallery.edits[variant] = o.images[:gallery.n_faces * n_attributes].reshape(
+                    gallery.n_faces, n_attributes, *o.images.shape[1:])
             readings = np.zeros_like(ref.before)
             identity = ref.identity_before.copy()
             if o.applicable.any():
@@ -845,6 +878,13 @@ def markdown_report(result: dict) -> str:
     for bar, met, detail in bar_verdicts(result):
         verdict = "NOT MEASURED" if met is None else ("MET" if met else "NOT MET")
         lines.append(f"- **{verdict}**: {bar}. Measured: {detail}.")
+    if setup.get("figure"):
+        lines += ["", "## Samples", "",
+                  f"![renders, reconstructions and edits]({setup['figure']})", "",
+                  f"*The first {setup.get('figure_faces', '')} held-out faces: the render, its W+ reconstruction and "
+                  f"its fused reconstruction, then the `{setup.get('figure_method')}` edit of each attribute (the "
+                  "method the bar is judged on unless the command names another), with the ground-truth render of "
+                  "the same edit below it. 2x nearest-neighbour upscaled.*"]
     lines += [
         "",
         "## Inversion",
@@ -925,13 +965,13 @@ def markdown_report(result: dict) -> str:
         "(0 = same identity, 1 = as far apart as two random people).",
         "- latency: mean wall time per edit on the machine above, batch 1, inversion cached (the encoder's time is "
         "in the inversion table), including synthesis, the content branch when fused and the gateway's fuse stage; "
-        "the machine was shared with other jobs, so latencies are indicative.",
+        "CPU figures of a 64 px model set, indicative only.",
         f"- `_fused` rows synthesize with the content branch at the gateway's default fusion weight "
         f"{settings['edit_fusion_weight']:g}; the other rows without it. Every output of a photo edit then goes "
         "through the gateway's fuse stage when the edited attribute has parser regions, as the service does.",
         "- n/a: edit requests the model set gives a method nothing for (no direction, StyleSpace channels or "
         "reference exemplar for the attribute; Style Intervention and MaskFaceGAN need the attribute's parser "
-        "region, which age and yaw do not have). They are excluded from that method's figures; the bar is judged "
+        "region). They are excluded from that method's figures; the bar is judged "
         "on methods with no n/a. failed: the gateway refused the request for this face (e.g. the parser finds no "
         "region to edit, as when adding glasses to a face without them); a failed edit counts as not moved, with "
         "the unedited inversion as its output.",
@@ -971,6 +1011,59 @@ def _fmt3(v) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# the figure
+
+
+def best_variant(result: dict) -> str | None:
+    """The method the second bar is judged on: the highest classifier edit success among the
+    methods with no n/a (bar_verdicts' choice), else the highest of any."""
+    methods = {n: m for n, m in result["methods"].items() if m["edit_success"] is not None}
+    full = {n: m for n, m in methods.items() if m["n_not_applicable"] == 0} or methods
+    return max(full, key=lambda n: full[n]["edit_success"]) if full else None
+
+
+def write_figure(gallery: Gallery, result: dict, path: Path, variant: str | None = None, scale: int = 2) -> str:
+    """A PNG grid: per face, a top row with the render, its W+ reconstruction, its fused
+    reconstruction and `variant`'s edit of every attribute, and below it the ground-truth
+    edits; a header names the columns. Returns the variant shown."""
+    from PIL import Image, ImageDraw
+
+    variant = variant or best_variant(result)
+    if variant is None or variant not in gallery.edits or gallery.originals is None:
+        raise ValueError(f"figure: no edits of method {variant!r} were kept")
+    k, n_attr = gallery.edits[variant].shape[:2]
+    size = gallery.originals.shape[1] * scale
+    lead = ["render", "W+ recon", "fused recon"]
+    names = list(result["reference"]["ground_truth_render"]["per_attribute"])
+    header = 14
+    canvas = Image.new("RGB", ((len(lead) + n_attr) * size, header + 2 * k * size), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(lead + names):
+        draw.text((c * size + 2, 1), label[:size // 6], fill=(0, 0, 0))
+
+    def put(img: np.ndarray, row: int, col: int) -> None:
+        tile = Image.fromarray(img).resize((size, size), Image.Resampling.NEAREST)
+        canvas.paste(tile, (col * size, header + row * size))
+
+    blank = np.full_like(gallery.originals[0], 255)
+    for i in range(k):
+        put(gallery.originals[i], 2 * i, 0)
+        for col, branch in ((1, "w"), (2, "fused")):
+            put(gallery.reconstructions[branch][i] if branch in gallery.reconstructions else blank, 2 * i, col)
+        for a in range(n_attr):
+            put(gallery.edits[variant][i, a], 2 * i, len(lead) + a)
+            put(gallery.truths[i, a], 2 * i + 1, len(lead) + a)
+        draw.text((4, header + (2 * i + 1) * size + 4), "ground truth", fill=(0, 0, 0))
+        draw.text((4, header + (2 * i + 1) * size + 18), f"above: {variant}"[:3 * size // 6], fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+    return variant
+
+
+# --------------------------------------------------------------------------------------
 # command line
 
 
@@ -996,6 +1089,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op and torch threads (default 2)")
     parser.add_argument("--json", type=Path, required=True, help="write the figures here (JSON)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the report (e.g. QUALITY.md)")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="also write a PNG of the first faces: renders, reconstructions, the best method's edits "
+                             "and the ground-truth edits (e.g. docs/eval_samples.png)")
+    parser.add_argument("--figure-method", choices=VARIANTS, default=None,
+                        help="method shown in the figure (default: the one the bar is judged on)")
 
 
 def open_pipeline(model_set: Path, threads: int):
@@ -1028,15 +1126,26 @@ def run(args: argparse.Namespace) -> int:
         identity_regressor = load_identity_regressor(args.run_dir)
         if args.methods is None:
             config = dataclasses.replace(config, methods=servable_variants(pipeline, identity_regressor))
+        if args.figure_method is not None and args.figure_method not in config.methods:
+            raise ValueError(f"--figure-method {args.figure_method}: not among the measured methods "
+                             f"{list(config.methods)}")
         started = time.perf_counter()
-        result = asyncio.run(evaluate(pipeline, identity_regressor, config))
+        gallery = Gallery() if args.figure is not None else None
+        result = asyncio.run(evaluate(pipeline, identity_regressor, config, gallery))
     except (ValueError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
     result["setup"] = describe_setup(command_line(args), shown_path(args.model_set), shown_path(args.run_dir),
                                      pipeline.manifest, config,
                                      time.perf_counter() - started)
-    write_report(result, args.json, args.markdown)
+    write_report(result, args.json, args.markdown)   # first: the figures survive a failing figure
+    if gallery is not None:
+        shown = write_figure(gallery, result, args.figure, args.figure_method)
+        log.info("figure: %s (edits by %s)", args.figure, shown)
+        where = Path(args.markdown).parent if args.markdown is not None else Path.cwd()
+        result["setup"].update(figure=os.path.relpath(Path(args.figure).resolve(), where.resolve()),
+                               figure_method=shown, figure_faces=gallery.n_faces)
+        write_report(result, args.json, args.markdown)
     print_table(result)
     return 0
 
@@ -1081,6 +1190,10 @@ def command_line(args: argparse.Namespace) -> str:
               str(args.calibration_faces), "--threads", str(args.threads), "--json", str(args.json)]
     if args.markdown is not None:
         parts += ["--markdown", str(args.markdown)]
+    if args.figure is not None:
+        parts += ["--figure", str(args.figure)]
+    if args.figure_method is not None:
+        parts += ["--figure-method", args.figure_method]
     return shlex.join(parts)
 
 

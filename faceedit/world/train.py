@@ -71,11 +71,13 @@ DESCRIPTION = "trained by faceedit train on the synthetic face world, {res} px"
 # gateway fuses an edit into the photo only inside them). Age greys the hair and draws
 # wrinkles and folds on the skin; a head turn moves every part of the head but leaves the
 # background, clothes and neck where they are (the union of the original's and the edited
-# face's regions also covers background the turn uncovers).
+# face's regions also covers background the turn uncovers). Likewise a smile moves the lips
+# (a wider mouth is lip in the edited face) and bangs are hair on the edited forehead, so
+# neither names the skin: the skin region is the whole face.
 HEAD_REGIONS: tuple[str, ...] = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
                                  "nose", "mouth", "u_lip", "l_lip", "hair", "hat")
 ATTRIBUTE_REGIONS: dict[str, tuple[str, ...]] = {
-    "smile": ("mouth", "u_lip", "l_lip", "skin"),
+    "smile": ("mouth", "u_lip", "l_lip"),
     "mouth_open": ("mouth", "u_lip", "l_lip"),
     "eyeglasses": ("eye_g",),
     "beard": ("skin",),
@@ -83,7 +85,7 @@ ATTRIBUTE_REGIONS: dict[str, tuple[str, ...]] = {
     "age": ("skin", "nose", "hair"),
     "yaw": HEAD_REGIONS,
     "lipstick": ("u_lip", "l_lip"),
-    "bangs": ("hair", "skin"),
+    "bangs": ("hair",),
 }
 
 

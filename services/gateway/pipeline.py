@@ -377,15 +377,23 @@ class Pipeline:
             style_delta = style_delta + base_style[None]
 
         async with call.stage("synthesize"):
-            inputs = {"wplus": edited, "style_delta": style_delta}
+            # with a fuse stage the unedited code is synthesized in the same call: the fuse then
+            # keeps only what the edit changed in the generator's output, not its inversion error
+            codes, deltas = edited, style_delta
+            if fuse_stage:
+                codes = np.concatenate([edited, wplus])
+                deltas = np.concatenate([style_delta, np.zeros_like(style_delta)])
+            inputs = {"wplus": codes, "style_delta": deltas}
             if fusion_weight is not None:  # the original's content features, fused into synthesis
-                inputs["content"] = await self._content([s.aligned.image for s in selected], call)
-                inputs["fusion_weight"] = np.full((len(edited), 1), fusion_weight, np.float32)
-            crops = await self._synthesize(synthesis, inputs, call)
+                content = await self._content([s.aligned.image for s in selected], call)
+                inputs["content"] = np.concatenate([content, content]) if fuse_stage else content
+                inputs["fusion_weight"] = np.full((len(codes), 1), fusion_weight, np.float32)
+            images = await self._synthesize(synthesis, inputs, call)
+            crops, references = images[:len(edited)], images[len(edited):]
 
         if fuse_stage:
             async with call.stage("fuse"):
-                crops = await self._fuse([s.aligned.image for s in selected], crops, plan.regions, call)
+                crops = await self._fuse([s.aligned.image for s in selected], crops, references, plan.regions, call)
 
         image = crops[0]
         if output.full_photo:
@@ -559,10 +567,13 @@ class Pipeline:
         batch = np.stack([to_tensor(o, self.manifest.resolution) for o in originals])
         return (await self.infer("content_encoder", {"image": batch}, call))["content"]
 
-    async def _fuse(self, originals: list[np.ndarray], crops: list[np.ndarray], regions: tuple[str, ...],
-                    call: Call) -> list[np.ndarray]:
+    async def _fuse(self, originals: list[np.ndarray], crops: list[np.ndarray], references: list[np.ndarray],
+                    regions: tuple[str, ...], call: Call) -> list[np.ndarray]:
         """Keep each edited crop only inside the edited attribute's parser regions (of the
-        original or the edited face) where it actually changed, with a feathered edge."""
+        original or the edited face) where the edit changed the generator's output (crop vs
+        `references`, the same faces synthesized unedited), with a feathered edge. Gating
+        against the reference rather than the photo keeps the photo's own pixels wherever
+        the generator merely failed to reproduce them (its inversion error)."""
         size = self.manifest.parser_resolution or self.manifest.resolution
         batch = np.stack([to_tensor(img, size) for img in (*originals, *crops)])
         labels = (await self.infer("parser", {"image": batch}, call))["labels"]
@@ -573,10 +584,10 @@ class Pipeline:
 
         def blend_all() -> list[np.ndarray]:
             out = []
-            for i, (orig, crop) in enumerate(zip(originals, crops)):
+            for i, (orig, crop, reference) in enumerate(zip(originals, crops, references, strict=True)):
                 lo = labels[i][np.ix_(idx, idx)]
                 le = labels[len(originals) + i][np.ix_(idx, idx)]
-                mask = fuse.change_mask(lo, le, classes, diff=fuse.pixel_difference(orig, crop))
+                mask = fuse.change_mask(lo, le, classes, diff=fuse.pixel_difference(reference, crop))
                 out.append(fuse.blend(orig, crop, fuse.feather(mask, max(1, res // 32))))
             return out
 

@@ -1,0 +1,40 @@
+"""Fixtures shared by the test modules.
+
+`tiny_set`: the exporter's tiny seeded model set (real architectures, random weights, nine
+ONNX networks; building it takes about a minute). It is kept in pytest's cache folder keyed
+by the sources that can change it, so one build serves every module of a session and every
+later session until those sources change.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# sources whose change can change the exported tiny set
+SET_SOURCES = ("exporters", "faceedit/nets", "faceedit/ops.py", "faceedit/onnx_export.py", "faceedit/modelset.py")
+TINY_SET_SEED = 0
+
+
+def sources_digest() -> str:
+    h = hashlib.sha256()
+    for entry in SET_SOURCES:
+        path = REPO / entry
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            if f.is_file():
+                h.update(str(f.relative_to(REPO)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_set(pytestconfig) -> Path:
+    """The exporter's tiny seeded model set (seed TINY_SET_SEED), built once per source version.
+    Read-only for tests: a test that changes a manifest copies the set first."""
+    from exporters.model_set import cached_tiny_model_set
+
+    root = pytestconfig.cache.mkdir("faceedit-tiny-model-set") / f"seed{TINY_SET_SEED}-{sources_digest()}"
+    cached_tiny_model_set(root, seed=TINY_SET_SEED)
+    return root
