@@ -3,7 +3,8 @@
 Starts the gateway in this process on a free loopback port with the default model set,
 sends every sample photo through the public gRPC API (the same request pieces as the
 `faceedit edit` client), writes the original and one edited photo per attribute into --out,
-and stops the server.
+and stops the server. It also writes contact_sheet.png there: one row per photo, the
+original then each edit, labelled (the README's before/after picture is this sheet).
 
     faceedit demo --out out/demo
     faceedit demo --photo me.jpg --edit smile=+0.8 --out out/demo
@@ -67,9 +68,12 @@ async def edit_photos(model_set: Path, photos: list[Path], edits: list[pb.Attrib
                 return 1
             out.mkdir(parents=True, exist_ok=True)
             print(f"model set {editors.generator_id} ({editors.resolution} px); editing {len(photos)} photo(s)")
+            rows: list[list[tuple[str, Path]]] = []
             for photo in photos:
                 data = photo.read_bytes()
-                (out / f"{photo.stem}_original{photo.suffix.lower()}").write_bytes(data)
+                original = out / f"{photo.stem}_original{photo.suffix.lower()}"
+                original.write_bytes(data)
+                rows.append([("original", original)])
                 for edit in edits:
                     target = out / f"{photo.stem}_{edit.name}{edit.strength:+g}.png"
                     request = pb.EditRequest(image=data, edits=[edit], output=output_options(target, None, 0, False))
@@ -80,10 +84,39 @@ async def edit_photos(model_set: Path, photos: list[Path], edits: list[pb.Attrib
                         print(f"  {photo.name} {edit.name}{edit.strength:+g}: {err.code().name}: {err.details()}")
                         continue
                     target.write_bytes(response.image)
+                    rows[-1].append((f"{edit.name}{edit.strength:+g}", target))
                     print(f"  wrote {target} ({response.width}x{response.height}); {timings_text(response.timings)}")
+            sheet = out / "contact_sheet.png"
+            contact_sheet(rows, sheet)
+            print(f"  wrote {sheet}")
     finally:
         await server.stop(grace=1.0)
     return 1 if failures else 0
+
+
+def contact_sheet(rows: list[list[tuple[str, Path]]], path: Path, height: int = 192, label: int = 14) -> None:
+    """One row per photo: its (label, image file) cells scaled to `height` px, each under its
+    label, cells as wide as the widest scaled image of the sheet."""
+    from PIL import Image, ImageDraw
+
+    def scaled(file: Path) -> Image.Image:
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+            return im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.LANCZOS)
+
+    cells = [[(name, scaled(file)) for name, file in row] for row in rows]
+    width = max((im.width for row in cells for _, im in row), default=height)
+    columns = max((len(row) for row in cells), default=1)
+    sheet = Image.new("RGB", (columns * width, len(cells) * (height + label)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(cells):
+        for c, (name, im) in enumerate(row):
+            x, y = c * width, r * (height + label)
+            draw.text((x + 2, y + 1), name, fill=(0, 0, 0))
+            sheet.paste(im, (x + (width - im.width) // 2, y + label))
+    tmp = path.with_name(path.name + ".tmp")
+    sheet.save(tmp, format="PNG")
+    tmp.replace(path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -404,15 +404,22 @@ def test_triton_backend_gives_the_embedded_results(model_set, manifest, aligner,
             server.stop()
 
 
-def test_demo_edits_photos_with_the_embedded_models(model_set, photo, tmp_path):
+def test_demo_edits_photos_with_the_embedded_models(model_set, manifest, photo, tmp_path):
     src = tmp_path / "person.png"
     Image.fromarray(photo).save(src)
     result = faceedit_cli("demo", "--model-set", str(model_set), "--photo", str(src), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     # the original plus one photo per attribute that has a direction (smile, age)
-    assert written == ["person_age+0.75.png", "person_original.png", "person_smile+0.75.png"]
+    assert written == ["contact_sheet.png", "person_age+0.75.png", "person_original.png", "person_smile+0.75.png"]
     assert Image.open(tmp_path / "out" / "person_smile+0.75.png").size == (320, 240)
+    # the sheet: one row (label strip + 192 px), three cells as wide as the 320x240 photo scaled to 192 px high
+    with Image.open(tmp_path / "out" / "contact_sheet.png") as sheet:
+        assert sheet.size == (3 * 256, 14 + 192)
+        cell = np.asarray(sheet.convert("RGB"))[14:, 256:512]
+    first_edit = f"person_{manifest.attributes[0].name}+0.75.png"     # edits follow the set's attribute order
+    expected = Image.open(tmp_path / "out" / first_edit).convert("RGB").resize((256, 192), Image.Resampling.LANCZOS)
+    np.testing.assert_array_equal(cell, np.asarray(expected))   # second cell: the first edit, scaled
     no_set = faceedit_cli("demo", "--model-set", str(tmp_path), "--out", str(tmp_path / "o2"))
     assert no_set.returncode == 2 and "not a model set" in no_set.stderr
 
