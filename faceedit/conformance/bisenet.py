@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from faceedit.conformance.common import OutputDiff, compare
-from faceedit.conformance.e4e import checksum_diffs, filled_state_dict, fixture_images
+from faceedit.conformance.common import OutputDiff, checksum_diffs, compare, filled_state_dict, fixture_images
 from faceedit.loaders.bisenet import load_bisenet
 from faceedit.nets.bisenet import BiSeNetConfig, ParserExport, preprocess_bisenet
 

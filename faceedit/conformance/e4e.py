@@ -9,14 +9,13 @@ stylegan_size 64 and 1024 are compared with our module's keys and shapes too.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
 from faceedit.checkpoint import state_dict_mismatch
-from faceedit.conformance.common import OutputDiff, compare, decode_image_u8, fill_scaled
+from faceedit.conformance.common import OutputDiff, checksum_diffs, compare, filled_state_dict, fixture_images
 from faceedit.loaders.e4e import read_e4e
 from faceedit.nets.e4e import E4EConfig, Encoder4Editing, EncoderExport, preprocess_e4e
 
@@ -33,18 +32,6 @@ def fixture_config(fixture: dict) -> E4EConfig:
     return config
 
 
-def filled_state_dict(fixture: dict) -> dict[str, torch.Tensor]:
-    """The fixture's fill rule for every key of its state_dict list (shared with the BiSeNet check)."""
-    scales = fixture["fill_scales"]
-    out = {}
-    for key, shape in fixture["state_dict"]:
-        # BatchNorm running_var / num_batches_tracked have their own rule and no listed scale
-        if key not in scales and not key.endswith(("running_var", "num_batches_tracked")):
-            raise ValueError(f"fixture fill_scales: no scale for {key!r}")
-        out[key] = fill_scaled(key, shape, scales.get(key, 0.0))
-    return out
-
-
 def key_list_diff(name: str, config: E4EConfig, key_list) -> OutputDiff:
     """Our module's keys and shapes against a published key list (count of problems, must be 0)."""
     with torch.device("meta"):
@@ -54,26 +41,6 @@ def key_list_diff(name: str, config: E4EConfig, key_list) -> OutputDiff:
     problems = state_dict_mismatch(ours, theirs)
     problems += [] if list(ours) == list(theirs) else ["key order differs"]
     return OutputDiff(name, float(len(problems)), note="; ".join(problems[:3]) or f"{len(ours)} keys")
-
-
-def checksum_diffs(x: torch.Tensor, checksums: dict) -> list[OutputDiff]:
-    """The fixture's checksums of the preprocessed input: proves our preprocessing is theirs."""
-    x64 = x.to(torch.float64)
-    diffs = []
-    for name, got in (("sum", float(x64.sum())), ("abs_sum", float(x64.abs().sum()))):
-        expected = float(checksums[name])
-        # relative: the reference summed in float32 over ~4e5 values
-        diffs.append(OutputDiff(f"input.{name} (relative)", abs(got - expected) / max(1.0, abs(expected))))
-    diffs.append(compare("input.x[0,0,0,:8]", x[0, 0, 0, :8], checksums["x[0,0,0,:8]"]))
-    return diffs
-
-
-def fixture_images(inputs: dict) -> torch.Tensor:
-    image_u8 = decode_image_u8(inputs["image_u8_nchw_base64"], inputs["image_u8_shape"])
-    digest = hashlib.sha256(image_u8.numpy().tobytes()).hexdigest()
-    if digest != inputs["image_u8_sha256"]:
-        raise ValueError(f"fixture images: sha256 {digest} != image_u8_sha256 {inputs['image_u8_sha256']}")
-    return image_u8
 
 
 def check(fixture: dict, workdir: Path) -> list[OutputDiff]:
