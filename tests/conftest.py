@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # sources whose change can change the exported tiny set
@@ -38,3 +39,13 @@ def tiny_set(pytestconfig) -> Path:
     root = pytestconfig.cache.mkdir("faceedit-tiny-model-set") / f"seed{TINY_SET_SEED}-{sources_digest()}"
     cached_tiny_model_set(root, seed=TINY_SET_SEED)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures(...)`):
+    tiny networks are slower on a thread pool contended by a server or by other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

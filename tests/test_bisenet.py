@@ -26,26 +26,15 @@ from faceedit.nets.bisenet import (
 )
 from faceedit.onnx_export import export_onnx
 
+import seeding
+
 FIXTURE = Path(__file__).parent / "fixtures" / "conformance" / "bisenet_face_parser.json"
 
 
 def seeded_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every tensor from one seeded generator (fan-in scaled convs, BN stats away from identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            r = torch.randn(t.shape, generator=gen)
-            if name.endswith("running_var"):
-                t.copy_(r.abs() * 0.5 + 0.5)
-            elif t.ndim == 4:
-                t.copy_(r / t[0].numel() ** 0.5)
-            elif name.endswith(".weight"):
-                t.copy_(1.0 + 0.1 * r)
-            else:
-                t.copy_(0.02 * r)
-    return module.eval()
+    """BN/linear weights near 1, biases and BN means small."""
+    return seeding.seeded_(module, seed, 1.0,
+                           lambda name, t, r: 1.0 + 0.1 * r if name.endswith(".weight") else 0.02 * r)
 
 
 def u8_images(n: int, size: int, seed: int = 1) -> torch.Tensor:

@@ -24,28 +24,16 @@ from faceedit.nets.e4e import (
 )
 from faceedit.onnx_export import export_onnx
 
+import seeding
+
 FIXTURE = Path(__file__).parent / "fixtures" / "conformance" / "e4e_encoder_64.json"
 # the real block structure (50 IR-SE units, coarse/middle/fine heads) at toy widths
 TINY = E4EConfig(stylegan_size=32, style_dim=32, stage_channels=(16, 16, 32, 32))
 
 
 def seeded_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every tensor from one seeded generator (fan-in scaled convs, BN stats away from identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if name.endswith("num_batches_tracked"):
-                continue
-            r = torch.randn(t.shape, generator=gen)
-            if name.endswith("running_var"):
-                t.copy_(r.abs() * 0.5 + 0.5)
-            elif t.ndim == 4:
-                t.copy_(r * (2.0 / t[0].numel()) ** 0.5)
-            elif t.ndim == 2:
-                t.copy_(r)  # EqualLinear: scaled at run time
-            else:
-                t.copy_(r * 0.1)
-    return module.eval()
+    """He-scaled convs; EqualLinear weights unit normal (they are scaled at run time), the rest small."""
+    return seeding.seeded_(module, seed, 2.0, lambda name, t, r: r if t.ndim == 2 else r * 0.1)
 
 
 def images(n: int, size: int, seed: int = 1) -> torch.Tensor:

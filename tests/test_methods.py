@@ -39,13 +39,8 @@ SKIN = CELEBAMASK_HQ_CLASSES.index("skin")
 REGIONS = {"smile": ("mouth",)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tiny convolutions are slower with a contended thread pool than on one core
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the tiny networks run faster on one core than on a thread pool contended by other work
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class BoxParser(nn.Module):

@@ -60,13 +60,8 @@ EDITOR_CONFIG = EditorDataConfig(calibration_faces=4, stylespace_top_k=4, styles
 OPTIMIZATION_METHODS = ("OPTIMIZATION", "STYLE_INTERVENTION", "MASKED_OPTIMIZATION")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tiny networks are faster on one core than on a thread pool contended by the server
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the tiny networks run faster on one core than on a thread pool contended by other work
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
