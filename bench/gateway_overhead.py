@@ -13,11 +13,17 @@ How:
   direct path replays exactly that list on its own onnxruntime sessions opened with the
   embedded backend's session options. The inversion cache is off (cache_entries = 0), so
   every gateway call runs the encoder, as the replay does.
-* Gateway call and direct replay alternate, round by round, so background load hits both.
+* A third path runs the gateway's own request path in-process: the same Pipeline class,
+  called directly (no gRPC server, no servicer, no protobuf bytes on a socket) on its own
+  EmbeddedBackend. It splits the overhead into what serving adds (gateway - in-process)
+  and what the request's image stages cost (in-process - direct: decode, detect + align,
+  fuse blending, paste back, encode), which any client calling the models directly would
+  also have to do to get an edited photo back.
+* The three paths alternate, round by round, so background load hits all of them.
 
-Overhead = (median gateway end-to-end - median direct) / median direct. The gateway's own
-stage timings (decode, align, invert, ..., encode) come back in every response and are
-reported too, so the overhead can be attributed.
+Overhead = (median gateway end-to-end - median direct) / median direct: the issue's figure.
+The gateway's own stage timings (decode, align, invert, ..., encode) come back in every
+response and are reported too, so the overhead can be attributed.
 
 Model sets: `--model-set DIR`; by default the installed default bundle when present, else
 the exporter's tiny seeded set (built into --work-dir, about a minute); `--real-sizes`
@@ -216,6 +222,32 @@ class GatewayThread:
             self.loop.close()
 
 
+class InProcessPipeline:
+    """The gateway's request path without the server: services.gateway.pipeline.Pipeline on
+    its own EmbeddedBackend and event loop, called like the servicer calls it."""
+
+    def __init__(self, config, manifest, aligner) -> None:
+        from services.gateway.backends import EmbeddedBackend
+        from services.gateway.metrics import GatewayMetrics
+        from services.gateway.pipeline import AlignerLoader, Pipeline
+
+        backend = EmbeddedBackend(config.model_set, manifest, config.inference_threads, config.intra_op_threads)
+        metrics = GatewayMetrics()
+        self.pipeline = Pipeline(config, manifest, backend, AlignerLoader(config.aligner, aligner), metrics)
+        self.metrics = metrics
+        self.loop = asyncio.new_event_loop()
+
+    def edit(self, request, timeout_s: float):
+        from services.gateway.pipeline import Call
+
+        call = Call("bench-in-process", time.monotonic() + timeout_s, self.metrics)
+        return self.loop.run_until_complete(self.pipeline.edit(request, call))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.pipeline.backend.close())
+        self.loop.close()
+
+
 def direct_sessions(root: Path, manifest, models: set[str], intra_op_threads: int) -> dict:
     """onnxruntime sessions with the embedded backend's options (services/gateway/backends.py)."""
     import onnxruntime as ort
@@ -256,8 +288,8 @@ def scenarios(manifest, photo_bytes: bytes, attribute: str, strength: float) -> 
     ]
 
 
-def measure_scenario(gateway: GatewayThread, backend, sessions: dict, scenario: Scenario, warmup: int,
-                     rounds: int, timeout_s: float) -> dict:
+def measure_scenario(gateway: GatewayThread, backend, in_process: InProcessPipeline, sessions: dict,
+                     scenario: Scenario, warmup: int, rounds: int, timeout_s: float) -> dict:
     # warm-up; the first call is recorded: the list the direct path replays
     backend.calls.clear()
     backend.recording = True
@@ -268,8 +300,10 @@ def measure_scenario(gateway: GatewayThread, backend, sessions: dict, scenario: 
         gateway.stub.Edit(scenario.request, timeout=timeout_s)
     for model, inputs in calls:  # the direct path's warm-up
         sessions[model].run(None, inputs)
+    for _ in range(warmup):
+        in_process.edit(scenario.request, timeout_s)
 
-    gateway_s, direct_s, model_s, stages = [], [], [], {}
+    gateway_s, direct_s, inproc_s, model_s, stages = [], [], [], [], {}
     for _ in range(rounds):
         backend.model_seconds, backend.call_count = 0.0, 0
         start = time.perf_counter()
@@ -285,16 +319,23 @@ def measure_scenario(gateway: GatewayThread, backend, sessions: dict, scenario: 
         for model, inputs in calls:
             sessions[model].run(None, inputs)
         direct_s.append(time.perf_counter() - start)
-    gw, direct = float(np.median(gateway_s)), float(np.median(direct_s))
+        start = time.perf_counter()
+        in_process.edit(scenario.request, timeout_s)
+        inproc_s.append(time.perf_counter() - start)
+    gw, direct, inproc = float(np.median(gateway_s)), float(np.median(direct_s)), float(np.median(inproc_s))
     return {
         "scenario": scenario.name, "description": scenario.description,
         "model_calls": [{"model": m, "inputs": {k: list(v.shape) for k, v in inp.items()}} for m, inp in calls],
         "gateway_median_s": gw, "gateway_p90_s": float(np.percentile(gateway_s, 90)),
         "direct_median_s": direct, "direct_p90_s": float(np.percentile(direct_s, 90)),
         "overhead_s": gw - direct, "overhead_pct": 100.0 * (gw - direct) / direct,
+        "in_process_median_s": inproc, "in_process_p90_s": float(np.percentile(inproc_s, 90)),
+        "serving_overhead_s": gw - inproc, "serving_overhead_pct": 100.0 * (gw - inproc) / inproc,
+        "image_stages_s": inproc - direct, "image_stages_pct": 100.0 * (inproc - direct) / direct,
         "gateway_model_wait_median_s": float(np.median(model_s)),
         "stage_median_s": {k: float(np.median(v)) for k, v in stages.items()},
-        "gateway_samples_s": gateway_s, "direct_samples_s": direct_s, "gateway_model_wait_samples_s": model_s,
+        "gateway_samples_s": gateway_s, "direct_samples_s": direct_s, "in_process_samples_s": inproc_s,
+        "gateway_model_wait_samples_s": model_s,
         "rounds": rounds,
     }
 
@@ -310,8 +351,13 @@ def format_results(results: list[dict]) -> str:
             f"p90 {r['gateway_p90_s'] * 1e3:10.1f} ms",
             f"  direct onnxruntime  median {r['direct_median_s'] * 1e3:10.1f} ms   "
             f"p90 {r['direct_p90_s'] * 1e3:10.1f} ms",
+            f"  in-process pipeline median {r['in_process_median_s'] * 1e3:10.1f} ms   "
+            f"p90 {r['in_process_p90_s'] * 1e3:10.1f} ms",
             f"  overhead            {r['overhead_s'] * 1e3:+10.1f} ms = {r['overhead_pct']:+.1f} % of direct "
             f"(target < {TARGET_OVERHEAD_PCT:g} %: {'MET' if r['overhead_pct'] < TARGET_OVERHEAD_PCT else 'NOT MET'})",
+            f"    of which serving (gateway - in-process) {r['serving_overhead_s'] * 1e3:+.1f} ms = "
+            f"{r['serving_overhead_pct']:+.1f} % of in-process; image stages (in-process - direct) "
+            f"{r['image_stages_s'] * 1e3:+.1f} ms = {r['image_stages_pct']:+.1f} % of direct",
             f"  time the gateway waited on models (median) {r['gateway_model_wait_median_s'] * 1e3:.1f} ms",
             "  gateway stages (median ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["stage_median_s"].items()),
             f"  rounds: {r['rounds']}",
@@ -377,14 +423,16 @@ def run(args: argparse.Namespace) -> int:
         aligner = FaceAligner(config.aligner)
         sessions = direct_sessions(root, manifest, set(manifest.models), args.intra_op_threads)
         gateway = GatewayThread(config, backend, aligner)
+        in_process = InProcessPipeline(config, manifest, aligner)
         results = []
         try:
             for scenario in scenarios(manifest, photo.read_bytes(), attribute, args.strength):
                 log.info("measuring %s (%d rounds)", scenario.name, rounds)
-                results.append(measure_scenario(gateway, backend, sessions, scenario, args.warmup, rounds,
-                                                args.timeout))
+                results.append(measure_scenario(gateway, backend, in_process, sessions, scenario, args.warmup,
+                                                rounds, args.timeout))
         finally:
             gateway.stop()
+            in_process.close()
     load_end = os.getloadavg()
     print(format_results(results))
     print(f"load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (1 min)")

@@ -115,3 +115,22 @@ def test_bench_verb_prints_the_table_and_writes_json(tmp_path, pytestconfig, cap
     # one line per (batch, engine), in the interim table after the case and in the final one
     table_lines = [line for line in printed.splitlines() if line.startswith("synthesis_tiny ")]
     assert len(table_lines) == 2 * 4
+
+
+def test_gateway_overhead_times_gateway_in_process_and_direct_paths(tiny_set, tmp_path):
+    """One round on the tiny set: the three paths ran the same request (no timing asserted)."""
+    from bench import gateway_overhead
+
+    out = tmp_path / "gw.json"
+    code = gateway_overhead.main(["--model-set", str(tiny_set), "--rounds", "1", "--warmup", "1",
+                                  "--intra-op-threads", "1", "--json", str(out)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert [r["scenario"] for r in doc["results"]] == ["photo", "latent"]
+    for r in doc["results"]:
+        assert r["model_calls"] and r["model_calls"][-1]["model"] in ("synthesis", "parser")
+        for path in ("gateway", "direct", "in_process"):
+            assert len(r[f"{path}_samples_s"]) == 1 and r[f"{path}_median_s"] > 0
+        assert r["overhead_s"] == pytest.approx(r["serving_overhead_s"] + r["image_stages_s"])
+    photo = doc["results"][0]
+    assert {"decode", "align", "invert", "synthesize", "encode"} <= set(photo["stage_median_s"])
