@@ -6,7 +6,9 @@
   w gives the boundary; its unit normal (in unstandardised W, pointing toward more of the
   attribute) is the direction. The paper labels sampled w = mapping(z) with a classifier;
   we fit on the e4e inversions of `direction_samples` training renders (w = the mean of
-  their W+ rows) labelled with the renders' exact attributes. Why: the codes the service
+  their W+ rows over a layer range: all rows, or the coarse / middle / fine third whose
+  mean separates the labels best; the edit then moves those rows, a DirectionSpec layer
+  range) labelled with the renders' exact attributes. Why: the codes the service
   edits are inversions, not mapping samples, and our CPU-trained mapping rarely samples
   the rare attributes (eyeglasses, an open mouth): the first run's boundaries for those
   were fitted on classifier noise (score spread < 0.01 of the range).
@@ -75,6 +77,14 @@ def fit_boundary(w: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
     return (normal / norm).astype(np.float32), accuracy
 
 
+def layer_ranges(n_latent: int) -> list[tuple[int, int]]:
+    """W+ row ranges a boundary may be fitted on: all rows, then the coarse, middle and fine
+    thirds (StyleGAN's pose/shape, features, colour/detail layers), in that order."""
+    cuts = [0, n_latent // 3, (2 * n_latent) // 3, n_latent]
+    thirds = [(cuts[i], cuts[i + 1]) for i in range(3) if cuts[i + 1] > cuts[i]]
+    return [(0, n_latent)] + [r for r in thirds if r != (0, n_latent)]
+
+
 def _save_npy(path, vector: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -101,27 +111,42 @@ def run(ctx: StageContext) -> StageOutcome:
     with torch.no_grad():
         wplus = batched(lambda x: encoder(x) + latent_avg, images_to_tensor(ctx.data.images[rows]))
     fit_rows, cal_rows = slice(0, len(rows) - cfg.calibration_samples), slice(len(rows) - cfg.calibration_samples, None)
-    w_np = wplus[fit_rows].mean(dim=1).numpy().astype(np.float64)
+    fit_codes = wplus[fit_rows].numpy().astype(np.float64)              # [M, L, D]
     truth = ctx.data.attributes[rows[fit_rows]].astype(np.float64)     # [M, A] in attribute units
     specs: list[dict] = []
     metrics: dict[str, float] = {}
     normals: dict[str, np.ndarray] = {}
-    k = max(1, int(round(cfg.direction_quantile * len(w_np))))
+    ranges: dict[str, tuple[int, int]] = {}
+    sigmas: dict[str, float] = {}
+    k = max(1, int(round(cfg.direction_quantile * len(fit_codes))))
     for a, name in enumerate(ATTRIBUTE_NAMES):
         present = truth[:, a] > ATTRIBUTE_LOW[a] + ATTRIBUTE_SPAN[a] / 2
         if a in BINARY_ATTRIBUTES and 0 < present.sum() < len(present):
             labels = present.astype(np.float64)
-            chosen = np.arange(len(w_np))
+            chosen = np.arange(len(fit_codes))
         else:   # continuous (or a binary one a tiny run samples on one side only): the quantiles
             order = np.argsort(truth[:, a], kind="stable")
             chosen = np.concatenate([order[:k], order[-k:]])
             labels = np.concatenate([np.zeros(k), np.ones(k)])
-        try:
-            normal, accuracy = fit_boundary(w_np[chosen], labels)
-        except ValueError as exc:
-            raise TrainingError(f"directions: cannot fit the {name!r} boundary: {exc}") from exc
-        normals[name] = normal
+        # The boundary is fitted on w = the mean of the W+ rows of a layer range, and the edit
+        # moves those rows: every row first, then coarse / middle / fine thirds, keeping the
+        # range that separates the labels best (a later range must beat the earlier by 1 %).
+        # An inversion can carry an attribute in a few rows only (e4e's deltas), where the
+        # mean over all rows washes it out.
+        best = None
+        for lo, hi in layer_ranges(n_latent):
+            w_range = fit_codes[chosen, lo:hi].mean(axis=1)
+            try:
+                normal, accuracy = fit_boundary(w_range, labels)
+            except ValueError as exc:
+                raise TrainingError(f"directions: cannot fit the {name!r} boundary: {exc}") from exc
+            if best is None or accuracy > best[1] + 0.01:
+                best = (normal, accuracy, (lo, hi))
+        normal, accuracy, (lo, hi) = best
+        normals[name], ranges[name] = normal, (lo, hi)
+        sigmas[name] = float(np.std(fit_codes[:, lo:hi].mean(axis=1) @ normal))
         metrics[f"boundary_accuracy_{name}"] = accuracy
+        metrics[f"layers_from_{name}"], metrics[f"layers_to_{name}"] = float(lo), float(hi)
         metrics[f"label_spread_{name}"] = float((truth[chosen, a][labels > 0.5].mean()
                                                  - truth[chosen, a][labels < 0.5].mean()) / ATTRIBUTE_SPAN[a])
 
@@ -131,12 +156,14 @@ def run(ctx: StageContext) -> StageOutcome:
     base_values = attribute_values(scores(base))
     samples = {}
     for a, name in enumerate(ATTRIBUTE_NAMES):
-        normal = torch.from_numpy(normals[name])
-        sigma = float(np.std(w_np @ normals[name]))
+        lo, hi = ranges[name]
+        offset = torch.zeros(n_latent, 1)
+        offset[lo:hi] = 1.0
+        move = offset * torch.from_numpy(normals[name])               # [L, D]: the direction on its rows
         distances, changes = [], []
         for step in CALIBRATION_STEPS:
-            dist = step * sigma
-            moved = attribute_values(scores(base + dist * normal))   # every W+ row moves
+            dist = step * sigmas[name]
+            moved = attribute_values(scores(base + dist * move))
             distances.append(np.full(n_cal, dist))
             changes.append((moved[:, a] - base_values[:, a]).numpy())
         samples[name] = (np.concatenate(distances), np.concatenate(changes))
@@ -147,7 +174,7 @@ def run(ctx: StageContext) -> StageOutcome:
             log.warning("directions: %s calibration scale %.4g <= 0: moving along the boundary normal does not "
                         "increase the classifier's %s (generator too weak for this attribute)", name, scale, name)
         metrics[f"calibration_scale_{name}"] = scale
-        spec = DirectionSpec(name=name, file=f"directions/{name}.npy", kind="interfacegan", layers=(0, n_latent),
+        spec = DirectionSpec(name=name, file=f"directions/{name}.npy", kind="interfacegan", layers=ranges[name],
                              attribute=name, scale=float(scale))
         _save_npy(ctx.paths.root / spec.file, normals[name])
         specs.append(dataclasses.asdict(spec))
