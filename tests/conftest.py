@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules.
+"""Fixtures shared by the test modules: the tiny model set, dlib's aligner, torch on one thread.
 
 `tiny_set`: the exporter's tiny seeded model set (real architectures, random weights, nine
 ONNX networks; building it takes about a minute). It is kept in pytest's cache folder keyed
@@ -49,3 +49,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def aligner():
+    """dlib's detector and 68-landmark model with the gateway's default settings (loading
+    them takes a few seconds, so one per session)."""
+    from services.gateway.align import FaceAligner
+
+    return FaceAligner()

@@ -17,8 +17,7 @@ from bench.faults import FaultConfig, run_cycle, schedule
 from bench.load import GatewayProcess, free_port, model_subset, triton_repository, wait_serving
 from faceedit.v1 import faceedit_pb2 as pb
 from services.gateway.config import GatewayConfig
-from test_gateway_models import tiny_set  # noqa: F401  (the exporter's tiny set, cached per source version)
-from test_gateway_server import (ScriptedBackend, ServerThread, aligner, metric_value, model_set,  # noqa: F401
+from test_gateway_server import (ScriptedBackend, ServerThread, metric_value, model_set,  # noqa: F401
                                  status_of, wplus_latent)
 
 

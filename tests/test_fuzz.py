@@ -24,7 +24,6 @@ from bench.load import sample_photo
 from faceedit.v1 import faceedit_pb2 as pb
 from services.gateway.config import GatewayConfig
 from services.gateway.decode import ImageError, ImageLimits, decode_image
-from test_gateway_models import aligner, tiny_set  # noqa: F401
 from test_gateway_server import ServerThread
 
 MAX_IMAGE_BYTES = 1 << 20

@@ -59,11 +59,6 @@ def manifest(model_set):
 
 
 @pytest.fixture(scope="module")
-def aligner() -> FaceAligner:
-    return FaceAligner()
-
-
-@pytest.fixture(scope="module")
 def gateway(model_set, aligner):
     server = ServerThread(GatewayConfig(model_set=model_set, metrics_port=0, inference_threads=1), None, aligner)
     yield server

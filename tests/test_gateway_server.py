@@ -164,11 +164,6 @@ def model_set(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def aligner() -> FaceAligner:
-    return FaceAligner()
-
-
-@pytest.fixture(scope="module")
 def gateway(model_set, aligner):
     server = ServerThread(GatewayConfig(model_set=model_set, metrics_port=0, health_interval_s=0.1),
                           ScriptedBackend(), aligner)

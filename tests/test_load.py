@@ -16,7 +16,7 @@ import pytest
 
 from bench.load import LevelReport, LoadConfig, check_loopback, main, run_load
 from services.gateway.config import GatewayConfig
-from test_gateway_server import ScriptedBackend, ServerThread, aligner, metric_value, model_set  # noqa: F401
+from test_gateway_server import ScriptedBackend, ServerThread, metric_value, model_set  # noqa: F401
 
 LIMIT = 2
 DELAY = 0.03

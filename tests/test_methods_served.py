@@ -42,7 +42,6 @@ from faceedit.world.render import render
 from faceedit.world.trainers.common import KIND_CLASSIFIER, KIND_PARSER, save_generator
 from services.gateway import align
 from services.gateway import refine as gateway_refine
-from services.gateway.align import FaceAligner
 from services.gateway.config import GatewayConfig
 from services.gateway.pipeline import expression_layers, to_image, to_tensor
 from test_gateway_models import array, decoded, detectable_photo
@@ -91,11 +90,6 @@ def model_set(tiny_set, checkpoints, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def manifest(model_set):
     return load_manifest(model_set)
-
-
-@pytest.fixture(scope="module")
-def aligner() -> FaceAligner:
-    return FaceAligner()
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from bench.load import GatewayProcess, sample_photo, wait_serving
 from faceedit.v1 import faceedit_pb2 as pb
 from faceedit.v1 import faceedit_pb2_grpc as pb_grpc
 from services.gateway.config import GatewayConfig
-from test_gateway_models import aligner, tiny_set  # noqa: F401
 from test_gateway_server import ServerThread
 
 WINDOW = 32

@@ -25,7 +25,7 @@ from faceedit.v1 import faceedit_pb2_grpc as pb_grpc
 from services.gateway.config import GatewayConfig
 from services.gateway.security import BearerTokenInterceptor, SecurityError, load_token, server_credentials
 from services.gateway.metrics import GatewayMetrics
-from test_gateway_server import (GEN, REPO, ScriptedBackend, ServerThread, aligner, faceedit_cli,  # noqa: F401
+from test_gateway_server import (GEN, REPO, ScriptedBackend, ServerThread, faceedit_cli,  # noqa: F401
                                  metric_value, model_set, status_of)
 
 TOKEN = "5f0c1d2e3a4b5c6d7e8f90a1b2c3d4e5"
