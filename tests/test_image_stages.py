@@ -25,7 +25,7 @@ from PIL import Image
 from services.gateway import align as align_mod
 from services.gateway.align import AlignerConfig, FaceAligner, align, ffhq_quad, quad_matrix
 from services.gateway.decode import ImageError, ImageLimits, decode_image, encode_image
-from services.gateway.fuse import CLASS_NAMES, blend, change_mask, class_indices, feather, pixel_difference
+from services.gateway.fuse import CLASS_NAMES, blend, change_mask, class_indices, edit_mask, feather, pixel_difference
 from services.gateway.paste import crop_mask, paste_back
 
 REPO = Path(__file__).resolve().parents[1]
@@ -685,3 +685,22 @@ def test_blend():
         blend(orig, edited, mask[:8])
     with pytest.raises(ValueError, match="edited_aligned"):
         blend(orig, edited[..., :2], mask)
+
+
+def test_edit_mask_is_the_feathered_gated_region_and_scales_up_from_its_work_size():
+    rng = np.random.default_rng(4)
+    reference = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    edited = reference.copy()
+    edited[40:80, 40:90] = 255 - edited[40:80, 40:90]           # the edit changed this block only
+    labels = np.zeros((64, 64), np.int64)
+    labels[15:45, 15:50] = 12                                    # u_lip, at the parser's 64 px
+    # at work size = crop size it is exactly change_mask -> feather on the crop grid
+    idx = np.arange(128) * 64 // 128
+    expected = feather(change_mask(labels[np.ix_(idx, idx)], labels[np.ix_(idx, idx)], [12],
+                                   diff=pixel_difference(reference, edited), diff_threshold=0.02), 4)
+    np.testing.assert_allclose(edit_mask(labels, labels, [12], reference, edited, 0.02, 256), expected, atol=1e-6)
+    # computed at 32 px and scaled up: still 1 inside the changed part of the region, exactly 0 far outside
+    small = edit_mask(labels, labels, [12], reference, edited, 0.02, 32)
+    assert small.shape == (128, 128) and small.dtype == np.float32
+    assert small[50:70, 50:80].min() > 0.99
+    assert small[:20].max() == 0.0 and small[110:].max() == 0.0 and small[:, 110:].max() == 0.0

@@ -26,6 +26,7 @@ from faceedit.world.render import apply_matrix, benchmark, paste_into_scene, ren
 log = logging.getLogger(__name__)
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+MAX_SKIPPED = 20
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,21 @@ def make_samples(out_dir: str, spec: SampleSpec = SampleSpec()) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written, entries = [], []
     seed = spec.first_seed
+
+    def next_detectable(size: int):
+        """The next seed's render that dlib finds a face in (the demo edits every sample;
+        the HOG detector misses a few percent of faces, e.g. some tight crops)."""
+        nonlocal seed
+        for _ in range(MAX_SKIPPED + 1):
+            batch = render_batch(seed, 1, size)
+            if dlib_landmarks(batch.images)[0] is not None:
+                return batch
+            log.info("seed %d: dlib finds no face in the render, skipped", seed)
+            seed += 1
+        raise RuntimeError(f"dlib found no face in {MAX_SKIPPED + 1} renders in a row (seeds up to {seed})")
+
     for k in range(spec.faces):
-        batch = render_batch(seed, 1, spec.face_size)
+        batch = next_detectable(spec.face_size)
         name = f"face_{k}.png"
         Image.fromarray(batch.images[0]).save(os.path.join(out_dir, name), optimize=True)
         entries.append({
@@ -108,7 +122,7 @@ def make_samples(out_dir: str, spec: SampleSpec = SampleSpec()) -> list[str]:
         written.append(name)
         seed += 1
     for k in range(spec.scenes):
-        batch = render_batch(seed, 1, spec.scene_face_size)
+        batch = next_detectable(spec.scene_face_size)
         scene = paste_into_scene(batch.images[0], np.random.default_rng(seed), spec.scene_hw, labels=batch.labels[0])
         name = f"scene_{k}.png"
         Image.fromarray(scene.image).save(os.path.join(out_dir, name), optimize=True)

@@ -71,6 +71,8 @@ DEFAULT_FUSION_WEIGHT = 0.5
 # 0.51 / 0.31) at about the same leakage; 0.005 gained little more (0.32 / 0.52 / 0.34) and
 # let more entangled change through (mapper PSNR outside 32.4 vs 33.6 dB).
 FUSE_CHANGE_THRESHOLD = 0.02
+# The fuse mask is smooth: computed at most at this size, then scaled up (fuse.edit_mask).
+FUSE_WORK_SIZE = 256
 DEFAULT_QUALITY = 95
 # frames synthesized per backend call in Interpolate: bounds the memory of one call
 SYNTHESIS_BATCH = 4
@@ -587,19 +589,12 @@ class Pipeline:
         batch = np.stack([to_tensor(img, size) for img in (*originals, *crops)])
         labels = (await self.infer("parser", {"image": batch}, call))["labels"]
         classes = fuse.class_indices(regions)
-        res = self.manifest.resolution
-        # nearest-neighbour label lookup from parser resolution to crop resolution
-        idx = np.arange(res) * labels.shape[-1] // res
+        n = len(originals)
 
         def blend_all() -> list[np.ndarray]:
-            out = []
-            for i, (orig, crop, reference) in enumerate(zip(originals, crops, references, strict=True)):
-                lo = labels[i][np.ix_(idx, idx)]
-                le = labels[len(originals) + i][np.ix_(idx, idx)]
-                mask = fuse.change_mask(lo, le, classes, diff=fuse.pixel_difference(reference, crop),
-                                        diff_threshold=FUSE_CHANGE_THRESHOLD)
-                out.append(fuse.blend(orig, crop, fuse.feather(mask, max(1, res // 32))))
-            return out
+            return [fuse.blend(orig, crop, fuse.edit_mask(labels[i], labels[n + i], classes, reference, crop,
+                                                          FUSE_CHANGE_THRESHOLD, FUSE_WORK_SIZE))
+                    for i, (orig, crop, reference) in enumerate(zip(originals, crops, references, strict=True))]
 
         return await asyncio.to_thread(blend_all)
 
