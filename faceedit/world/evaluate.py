@@ -552,7 +552,7 @@ class Evaluation:
             codes = np.concatenate([produced.wplus, wplus])
             deltas = np.concatenate([produced.style_delta, np.zeros_like(produced.style_delta)])
             crop, reference = await self.synthesize(codes, deltas, [original, original], weight)
-            crops = await self.pipeline._fuse([original], [crop], [reference], produced.regions, self.call)
+            crops, _ = await self.pipeline._fuse([original], [crop], [reference], produced.regions, self.call)
         else:
             crops = await self.synthesize(produced.wplus, produced.style_delta, [original], weight)
         return crops[0], time.perf_counter() - start

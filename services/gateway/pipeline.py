@@ -410,14 +410,18 @@ class Pipeline:
             images = await self._synthesize(synthesis, inputs, call)
             crops, references = images[:len(edited)], images[len(edited):]
 
+        # what goes back into the photo: the whole synthesized crop, or after a fuse only the
+        # edited pixels (its mask), so the rest of the face keeps the photo's own resolution
+        pasted, masks = crops, [None] * len(crops)
         if fuse_stage:
             async with call.stage("fuse"):
-                crops = await self._fuse([s.aligned.image for s in selected], crops, references, plan.regions, call)
+                crops, masks = await self._fuse([s.aligned.image for s in selected], crops, references,
+                                                plan.regions, call)
 
         image = crops[0]
         if output.full_photo:
             async with call.stage("paste"):
-                image = await asyncio.to_thread(self._paste, photo, selected, crops)
+                image = await asyncio.to_thread(self._paste, photo, selected, pasted, masks)
 
         async with call.stage("encode"):
             data, mime = await asyncio.to_thread(encode_image, image, output.fmt, output.quality)
@@ -587,29 +591,36 @@ class Pipeline:
         return (await self.infer("content_encoder", {"image": batch}, call))["content"]
 
     async def _fuse(self, originals: list[np.ndarray], crops: list[np.ndarray], references: list[np.ndarray],
-                    regions: tuple[str, ...], call: Call) -> list[np.ndarray]:
+                    regions: tuple[str, ...], call: Call) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Keep each edited crop only inside the edited attribute's parser regions (of the
         original or the edited face) where the edit changed the generator's output (crop vs
         `references`, the same faces synthesized unedited), with a feathered edge. Gating
         against the reference rather than the photo keeps the photo's own pixels wherever
-        the generator merely failed to reproduce them (its inversion error)."""
+        the generator merely failed to reproduce them (its inversion error). Returns the
+        blended crops and their masks (float32 [R, R])."""
         size = self.manifest.parser_resolution or self.manifest.resolution
         batch = np.stack([to_tensor(img, size) for img in (*originals, *crops)])
         labels = (await self.infer("parser", {"image": batch}, call))["labels"]
         classes = fuse.class_indices(regions)
         n = len(originals)
 
-        def blend_all() -> list[np.ndarray]:
-            return [fuse.blend(orig, crop, fuse.edit_mask(labels[i], labels[n + i], classes, reference, crop,
-                                                          FUSE_CHANGE_THRESHOLD, FUSE_WORK_SIZE))
-                    for i, (orig, crop, reference) in enumerate(zip(originals, crops, references, strict=True))]
+        def blend_all() -> tuple[list[np.ndarray], list[np.ndarray]]:
+            masks = [fuse.edit_mask(labels[i], labels[n + i], classes, reference, crop, FUSE_CHANGE_THRESHOLD,
+                                    FUSE_WORK_SIZE) for i, (crop, reference) in enumerate(zip(crops, references,
+                                                                                             strict=True))]
+            return [fuse.blend(orig, crop, m) for orig, crop, m in zip(originals, crops, masks)], masks
 
         return await asyncio.to_thread(blend_all)
 
     @staticmethod
-    def _paste(photo: np.ndarray, faces: list[AlignedPhotoFace], crops: list[np.ndarray]) -> np.ndarray:
-        for item, crop in zip(faces, crops):
-            photo = paste.paste_back(photo, crop, item.aligned.matrix)
+    def _paste(photo: np.ndarray, faces: list[AlignedPhotoFace], crops: list[np.ndarray],
+               masks: list[np.ndarray | None]) -> np.ndarray:
+        """Each face's crop back into the photo: where its fuse mask says (times the crop's
+        feathered border), or the whole crop when it had no fuse stage."""
+        for item, crop, mask in zip(faces, crops, masks, strict=True):
+            size = crop.shape[0]
+            border = paste.crop_mask(size, paste.default_feather_px(size))
+            photo = paste.paste_back(photo, crop, item.aligned.matrix, border if mask is None else border * mask)
         return photo
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], call: Call) -> dict[str, np.ndarray]:
