@@ -185,7 +185,11 @@ async def run_cycle(fault: str, outage_s: float, triton, target: str, config: Fa
 
     await recorder.run(inject())
     fault_at, back = marks["fault"], marks["back"]
-    during = [(start, end, code) for start, end, code in recorder.calls if start >= fault_at and end <= back]
+    # The outage: calls made and answered while the backend was surely down. A killed Triton
+    # is down until its restart begins (triton.start returns only after a readiness poll,
+    # by when a fast restart may already be serving); a frozen one until SIGCONT.
+    down_until = marks.get("restart", back)
+    during = [(start, end, code) for start, end, code in recorder.calls if start >= fault_at and end <= down_until]
     codes: dict[str, int] = {}
     outage_codes: dict[str, int] = {}
     for _, _, code in recorder.calls:
