@@ -252,12 +252,9 @@ def direct_sessions(root: Path, manifest, models: set[str], intra_op_threads: in
     """onnxruntime sessions with the embedded backend's options (services/gateway/backends.py)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    from services.gateway.backends import embedded_session_options
+
+    options = embedded_session_options(intra_op_threads)
     return {m: ort.InferenceSession(str(root / manifest.models[m].file), options, providers=["CPUExecutionProvider"])
             for m in sorted(models)}
 

@@ -55,6 +55,7 @@ import torch
 from bench.models import BenchCase, FlopCount, all_cases, export_case, grouped_form, real_cases, tiny_cases
 from bench.roofline import (DEFAULT_GEMM_REPEATS, DEFAULT_GEMM_SIZE, GEMMS, GemmResult, Roofline, gemm_flops,
                             machine_info, measure_roofline)
+from services.gateway.backends import embedded_session_options
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +141,9 @@ class OrtEngine(Engine):
                   "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
         # one model call at a time, as the gateway's embedded backend runs them
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options = embedded_session_options(threads)
         options.graph_optimization_level = levels[level]
-        options.log_severity_level = 3
         self.level, self.threads = level, threads
         start = time.perf_counter()
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -347,12 +344,7 @@ def profile_ort(onnx_path: Path, case: BenchCase, wrapper: torch.nn.Module, batc
     import onnxruntime as ort
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options = embedded_session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(out_dir / case.name)
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

@@ -57,6 +57,21 @@ class Backend(abc.ABC):
         return False
 
 
+def embedded_session_options(intra_op_threads: int):
+    """The onnxruntime SessionOptions of the embedded backend (the benchmarks' "direct" path
+    uses the same): `intra_op_threads` inside one call, one model call at a time per thread
+    (parallelism comes from the pool across requests), every graph optimization."""
+    import onnxruntime as ort  # only the embedded backend and the benchmarks need it
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
 class EmbeddedBackend(Backend):
     name = "embedded"
 
@@ -64,12 +79,7 @@ class EmbeddedBackend(Backend):
         import onnxruntime as ort  # only this backend needs it
 
         self._ort = ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        # one model call at a time per thread; parallelism comes from the pool across requests
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = embedded_session_options(intra_op_threads)
         self._sessions = {}
         for model, spec in manifest.models.items():
             self._sessions[model] = ort.InferenceSession(
