@@ -215,6 +215,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_file(root: Path, what: str, file: str, sha256: str) -> None:
+    """ModelSetError unless `root / file` exists with this sha256 (`what` names it)."""
+    f = root / file
+    if not f.is_file():
+        raise ModelSetError(f"{root}: {what} file {file} is missing")
+    if sha256_file(f) != sha256:
+        raise ModelSetError(f"{root}: {what} file {file} does not match its sha256")
+
+
 def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
     """Read and validate `root/manifest.json`; with verify, every file exists with its checksum."""
     root = Path(root)
@@ -230,20 +239,12 @@ def load_manifest(root: str | Path, verify: bool = True) -> Manifest:
         raise ModelSetError(f"{path}: editor data does not fit the set:\n  " + "\n  ".join(problems))
     if verify:
         for name, spec in manifest.models.items():
-            f = root / spec.file
-            if not f.is_file():
-                raise ModelSetError(f"{root}: model {name!r} file {spec.file} is missing")
-            if sha256_file(f) != spec.sha256:
-                raise ModelSetError(f"{root}: model {name!r} file {spec.file} does not match its sha256")
+            _check_file(root, f"model {name!r}", spec.file, spec.sha256)
         for d in manifest.directions:
             if not (root / d.file).is_file():
                 raise ModelSetError(f"{root}: direction {d.name!r} file {d.file} is missing")
         for role, ckpt in manifest.torch_checkpoints.items():
-            f = root / ckpt.file
-            if not f.is_file():
-                raise ModelSetError(f"{root}: torch checkpoint {role!r} file {ckpt.file} is missing")
-            if sha256_file(f) != ckpt.sha256:
-                raise ModelSetError(f"{root}: torch checkpoint {role!r} file {ckpt.file} does not match its sha256")
+            _check_file(root, f"torch checkpoint {role!r}", ckpt.file, ckpt.sha256)
         for e in manifest.exemplars:
             for f in (e.low, e.high):
                 if not (root / f).is_file():

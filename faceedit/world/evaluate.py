@@ -347,13 +347,10 @@ class Evaluation:
                          fusion_weight: float | None) -> list[np.ndarray]:
         """The gateway's synthesize stage (Pipeline.edit): uint8 crops [R, R, 3]; with a fusion
         weight, the originals' content features go into `synthesis_content`."""
-        inputs = {"wplus": wplus.astype(np.float32), "style_delta": style_delta.astype(np.float32)}
-        model = "synthesis"
-        if fusion_weight is not None:
-            inputs["content"] = await self.pipeline._content(list(originals), self.call)
-            inputs["fusion_weight"] = np.full((len(wplus), 1), fusion_weight, np.float32)
-            model = "synthesis_content"
-        return await self.pipeline._synthesize(model, inputs, self.call)
+        model = "synthesis" if fusion_weight is None else "synthesis_content"
+        crops, _ = await self.pipeline.synthesize_edit(model, wplus, style_delta, list(originals), fusion_weight,
+                                                       None, self.call)
+        return crops
 
     async def classify(self, images: np.ndarray) -> np.ndarray:
         """Classifier readings [N, A] in attribute units (low + sigmoid(logit) * span), in the
@@ -548,13 +545,12 @@ class Evaluation:
         renders the unedited code `wplus` [1, L, D] as the reference of what changed."""
         start = time.perf_counter()
         weight = self.edit_fusion_weight if fused else None
-        if produced.regions and "parser" in self.manifest.models:
-            codes = np.concatenate([produced.wplus, wplus])
-            deltas = np.concatenate([produced.style_delta, np.zeros_like(produced.style_delta)])
-            crop, reference = await self.synthesize(codes, deltas, [original, original], weight)
-            crops, _ = await self.pipeline._fuse([original], [crop], [reference], produced.regions, self.call)
-        else:
-            crops = await self.synthesize(produced.wplus, produced.style_delta, [original], weight)
+        model = "synthesis" if weight is None else "synthesis_content"
+        fuse_stage = bool(produced.regions) and "parser" in self.manifest.models
+        crops, references = await self.pipeline.synthesize_edit(model, produced.wplus, produced.style_delta, [original],
+                                                                weight, wplus if fuse_stage else None, self.call)
+        if fuse_stage:
+            crops, _ = await self.pipeline._fuse([original], crops, references, produced.regions, self.call)
         return crops[0], time.perf_counter() - start
 
     async def run_base(self, base: str, variants: Sequence[str], tasks: Sequence[EditTask], faces: Faces,

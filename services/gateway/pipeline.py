@@ -398,17 +398,9 @@ class Pipeline:
         async with call.stage("synthesize"):
             # with a fuse stage the unedited code is synthesized in the same call: the fuse then
             # keeps only what the edit changed in the generator's output, not its inversion error
-            codes, deltas = edited, style_delta
-            if fuse_stage:
-                codes = np.concatenate([edited, wplus])
-                deltas = np.concatenate([style_delta, np.zeros_like(style_delta)])
-            inputs = {"wplus": codes, "style_delta": deltas}
-            if fusion_weight is not None:  # the original's content features, fused into synthesis
-                content = await self._content([s.aligned.image for s in selected], call)
-                inputs["content"] = np.concatenate([content, content]) if fuse_stage else content
-                inputs["fusion_weight"] = np.full((len(codes), 1), fusion_weight, np.float32)
-            images = await self._synthesize(synthesis, inputs, call)
-            crops, references = images[:len(edited)], images[len(edited):]
+            crops, references = await self.synthesize_edit(
+                synthesis, edited, style_delta, [s.aligned.image for s in selected], fusion_weight,
+                wplus if fuse_stage else None, call)
 
         # what goes back into the photo: the whole synthesized crop, or after a fuse only the
         # edited pixels (its mask), so the rest of the face keeps the photo's own resolution
@@ -584,6 +576,26 @@ class Pipeline:
         the later stages see one size."""
         images = (await self.infer(model, inputs, call))["image"]
         return await asyncio.to_thread(lambda: [to_image(t, self.manifest.resolution) for t in images])
+
+    async def synthesize_edit(self, model: str, edited: np.ndarray, style_delta: np.ndarray,
+                              originals: list[np.ndarray], fusion_weight: float | None, unedited: np.ndarray | None,
+                              call: Call) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The synthesize stage: images of the codes `edited` [N, L, D] with `style_delta`
+        [N, S]; with a fusion weight, `originals`' content features are fused in (model
+        synthesis_content); with `unedited` [N, L, D], those codes are rendered in the same
+        call with no style offset, as the fuse stage's references. Returns (images,
+        references; [] without `unedited`)."""
+        codes, deltas = edited, style_delta
+        if unedited is not None:
+            codes = np.concatenate([edited, unedited])
+            deltas = np.concatenate([style_delta, np.zeros_like(style_delta)])
+        inputs = {"wplus": codes.astype(np.float32), "style_delta": deltas.astype(np.float32)}
+        if fusion_weight is not None:  # the original's content features, fused into synthesis
+            content = await self._content(originals, call)
+            inputs["content"] = np.concatenate([content, content]) if unedited is not None else content
+            inputs["fusion_weight"] = np.full((len(codes), 1), fusion_weight, np.float32)
+        images = await self._synthesize(model, inputs, call)
+        return images[:len(edited)], images[len(edited):]
 
     async def _content(self, originals: list[np.ndarray], call: Call) -> np.ndarray:
         """Content features [N, C, r, r] of the original aligned faces (the two-branch method)."""
