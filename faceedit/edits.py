@@ -192,10 +192,16 @@ class Calibration:
 
 
 def fit_calibration(samples: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> Calibration:
-    """Least-squares fit of distance = scale * change + offset for each attribute.
+    """Fit distance = scale * change + offset for each attribute.
 
     samples: attribute -> (latent distances [M], measured attribute changes [M]), e.g. from
     moving sampled latents along the direction and scoring the images with the classifier.
+
+    The distances are chosen and exact; the changes are measured (classifier noise, faces
+    that respond more or less). So the least-squares line is change = slope * distance +
+    intercept, inverted (scale = 1 / slope). Regressing distance on change instead shrinks
+    the scale by the changes' noise share (errors in variables): on our first bundles that
+    made a strength of 1 move the attribute far less than one unit.
     """
     if not samples:
         raise ValueError("samples: needs at least one attribute, got none")
@@ -211,11 +217,15 @@ def fit_calibration(samples: Mapping[str, tuple[Sequence[float], Sequence[float]
             raise ValueError(f"samples[{name!r}]: needs at least 2 samples, got {d.shape[0]}")
         if np.ptp(c) == 0.0:
             raise ValueError(f"samples[{name!r}].changes: all equal ({c[0]}); cannot fit a scale")
-        design = np.stack([c, np.ones_like(c)], axis=1)
-        (scale, offset), *_ = np.linalg.lstsq(design, d, rcond=None)
+        if np.ptp(d) == 0.0:
+            raise ValueError(f"samples[{name!r}].distances: all equal ({d[0]}); cannot fit a scale")
+        design = np.stack([d, np.ones_like(d)], axis=1)
+        (slope, intercept), *_ = np.linalg.lstsq(design, c, rcond=None)
+        if slope == 0.0:
+            raise ValueError(f"samples[{name!r}]: the changes do not depend on the distance; cannot fit a scale")
         names.append(str(name))
-        scales.append(float(scale))
-        offsets.append(float(offset))
+        scales.append(float(1.0 / slope))
+        offsets.append(float(-intercept / slope))
     return Calibration(tuple(names), tuple(scales), tuple(offsets))
 
 

@@ -131,15 +131,17 @@ def test_calibration_fit_exact_and_inverse():
     assert cal.change("age", cal.distance("age", 1.7)) == pytest.approx(1.7)
 
 
-def test_calibration_least_squares_on_noisy_samples():
+def test_calibration_is_unbiased_when_the_measured_changes_are_noisy():
+    # distances are chosen exactly, the changes measured with noise as large as the signal:
+    # change = distance / 1.5 + noise. The fit must still find scale 1.5 (regressing the
+    # distance on the noisy change would find about half of it).
     rng = _rng(4)
-    changes = rng.uniform(-3, 3, 200)
-    distances = 1.5 * changes - 0.2 + 0.01 * rng.standard_normal(200)
+    distances = np.repeat([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], 400)
+    changes = (distances + 0.2) / 1.5 + 0.9 * rng.standard_normal(distances.shape[0])
     cal = fit_calibration({"age": (distances, changes)})
-    design = np.stack([changes, np.ones_like(changes)], 1)
-    expected = np.linalg.lstsq(design, distances, rcond=None)[0]
-    assert cal.scale[0] == pytest.approx(expected[0]) and cal.offset[0] == pytest.approx(expected[1])
-    assert cal.scale[0] == pytest.approx(1.5, abs=0.01)
+    assert cal.scale[0] == pytest.approx(1.5, rel=0.05) and cal.offset[0] == pytest.approx(-0.2, abs=0.1)
+    naive = np.linalg.lstsq(np.stack([changes, np.ones_like(changes)], 1), distances, rcond=None)[0][0]
+    assert naive < 0.8  # the biased fit this replaces
 
 
 def test_calibration_validation():
@@ -147,6 +149,8 @@ def test_calibration_validation():
         fit_calibration({"age": ([1.0], [1.0])})
     with pytest.raises(ValueError, match=r"samples\['age'\].changes: all equal"):
         fit_calibration({"age": ([1.0, 2.0], [1.0, 1.0])})
+    with pytest.raises(ValueError, match=r"samples\['age'\].distances: all equal"):
+        fit_calibration({"age": ([1.0, 1.0], [1.0, 2.0])})
     with pytest.raises(ValueError, match="must have the same length"):
         fit_calibration({"age": ([1.0, 2.0], [1.0, 2.0, 3.0])})
     with pytest.raises(ValueError, match="attribute: 'beard' is not calibrated"):

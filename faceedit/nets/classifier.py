@@ -82,16 +82,26 @@ class AttributeClassifier(nn.Module):
         self.blocks = nn.ModuleList(DownResBlock(chans[i], chans[i + 1]) for i in range(len(chans) - 1))
         self.head = nn.Linear(chans[-1], config.n_attributes)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The activations after the stem and after every down block (the training losses'
+        perceptual features; the last one feeds `logits`)."""
         k = self.config.resolution
         assert_shape(image, [None, 3, k, k], "image")
         x = F.leaky_relu(self.stem(image), 0.2)
+        feats = [x]
         for block in self.blocks:
             x = block(x)
+            feats.append(x)
+        return feats
+
+    def logits(self, last_features: torch.Tensor) -> torch.Tensor:
         # mean over the 4x4 map: the head sees the whole face whatever its position
-        logits = self.head(x.mean(dim=(2, 3)))
+        logits = self.head(last_features.mean(dim=(2, 3)))
         assert_shape(logits, [None, self.config.n_attributes], "logits")
         return logits
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(image)[-1])
 
 
 class ClassifierExport(nn.Module):

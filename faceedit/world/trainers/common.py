@@ -292,16 +292,6 @@ def load_encoder(path: Path) -> tuple[Encoder4Editing, torch.Tensor]:
 # ---- losses and measurements -------------------------------------------------------------
 
 
-def classifier_features(net: AttributeClassifier, image: torch.Tensor) -> list[torch.Tensor]:
-    """The activations after the stem and after every down block of an AttributeClassifier."""
-    x = nn.functional.leaky_relu(net.stem(image), 0.2)
-    feats = [x]
-    for block in net.blocks:
-        x = block(x)
-        feats.append(x)
-    return feats
-
-
 def feature_loss(nets: Sequence[AttributeClassifier], fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Our stand-in for LPIPS: LPIPS's recipe (unit-normalise each feature vector over
     channels, squared distance, mean over positions, sum over layers) on the features of our
@@ -311,11 +301,19 @@ def feature_loss(nets: Sequence[AttributeClassifier], fake: torch.Tensor, real: 
     total = fake.new_zeros(())
     for net in nets:
         with torch.no_grad():
-            ref = classifier_features(net, real)
-        for a, b in zip(classifier_features(net, fake), ref):
-            a = a / (a.norm(dim=1, keepdim=True) + 1e-8)
-            b = b / (b.norm(dim=1, keepdim=True) + 1e-8)
-            total = total + (a - b).square().sum(dim=1).mean()
+            ref = net.features(real)
+        total = total + feature_distance(net.features(fake), ref)
+    return total
+
+
+def feature_distance(fake: Sequence[torch.Tensor], real: Sequence[torch.Tensor]) -> torch.Tensor:
+    """feature_loss on features already computed (AttributeClassifier.features), for a
+    caller that also needs the logits of the same forward pass."""
+    total = fake[0].new_zeros(())
+    for a, b in zip(fake, real, strict=True):
+        a = a / (a.norm(dim=1, keepdim=True) + 1e-8)
+        b = b / (b.norm(dim=1, keepdim=True) + 1e-8)
+        total = total + (a - b).square().sum(dim=1).mean()
     return total
 
 
