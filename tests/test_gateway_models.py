@@ -24,12 +24,12 @@ import pytest
 from PIL import Image
 
 from faceedit.client import latent_message
-from faceedit.modelset import DirectionSpec, load_manifest, write_manifest
+from faceedit.modelset import AttributeSpec, DirectionSpec, Manifest, ModelFile, load_manifest, write_manifest
 from faceedit.v1 import faceedit_pb2 as pb
 from faceedit.world.render import paste_into_scene, render_batch
-from services.gateway.align import FaceAligner
+from services.gateway.align import FaceAligner, crop_size_for
 from services.gateway.config import GatewayConfig
-from test_gateway_server import ServerThread, faceedit_cli, metric_value, png_bytes, status_of
+from test_gateway_server import ScriptedBackend, ServerThread, faceedit_cli, metric_value, png_bytes, status_of
 
 SEED = 0
 
@@ -440,3 +440,33 @@ def test_embedded_backend_contract(model_set, manifest):
             await backend.infer("mapping", {"z": z, "truncation": np.ones((3, 1), np.float32)}, 5.0)
 
     asyncio.run(exercise())
+
+
+def test_a_photo_edit_works_at_the_photos_detail_and_a_crop_edit_at_full_size(photo, aligner, tmp_path):
+    # a generator of 512 px and a face whose FFHQ crop spans ~156 px of the photo: the full-photo edit aligns,
+    # fuses and pastes at 256 (all the detail the photo has of that face); the crop response
+    # is the generator's full size
+    resolution, n_latent, dim = 512, 8, 16
+    np.save(tmp_path / "smile.npy", np.eye(dim, dtype=np.float32)[0])
+    write_manifest(tmp_path, Manifest(
+        generator_id="test-generator", resolution=resolution, n_latent=n_latent, style_dim=dim, z_dim=dim,
+        style_layout=(("conv1", 16), ("to_rgb1", 16), ("conv_a", 16), ("conv_b", 8)),
+        models={m: ModelFile(file=f"{m}.onnx", sha256="0" * 64) for m in ("mapping", "synthesis", "encoder")},
+        attributes=(AttributeSpec("smile", -2.0, 2.0),),
+        directions=(DirectionSpec("smile", "smile.npy", "interfacegan", (0, n_latent), "smile"),),
+        encoder_resolution=64))
+    server = ServerThread(GatewayConfig(model_set=tmp_path, metrics_port=0), ScriptedBackend(), aligner)
+    try:
+        edits = [pb.AttributeEdit(name="smile", strength=0.5)]
+        full = server.stub.Edit(pb.EditRequest(image=png_bytes(photo), edits=edits), timeout=30)
+        (face,) = aligner.detect(photo)
+        expected = crop_size_for(face.landmarks, resolution, 64)
+        assert 64 <= expected < resolution
+        assert full.faces[0].face.transform.crop_size == expected
+        assert decoded(full.image).shape == photo.shape
+        crop = server.stub.Edit(pb.EditRequest(image=png_bytes(photo), edits=edits, output=pb.OutputOptions(
+            region=pb.OUTPUT_REGION_ALIGNED_CROP)), timeout=30)
+        assert crop.faces[0].face.transform.crop_size == resolution
+        assert decoded(crop.image).shape == (resolution, resolution, 3)
+    finally:
+        server.stop()

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from services.gateway import align as align_mod
-from services.gateway.align import AlignerConfig, FaceAligner, align, ffhq_quad, quad_matrix
+from services.gateway.align import AlignerConfig, FaceAligner, align, crop_size_for, ffhq_quad, quad_matrix
 from services.gateway.decode import ImageError, ImageLimits, decode_image, encode_image
 from services.gateway.fuse import CLASS_NAMES, blend, change_mask, class_indices, edit_mask, feather, pixel_difference
 from services.gateway.paste import crop_mask, paste_back
@@ -311,6 +311,42 @@ def test_ffhq_quad_known_geometry():
         ffhq_quad(np.zeros((5, 2)))
     with pytest.raises(ValueError, match="degenerate"):
         ffhq_quad(np.zeros((68, 2)))
+
+
+def test_crop_size_for_keeps_the_photos_detail_in_powers_of_two():
+    lm = synthetic_landmarks((200, 150), 60, 60, 0)      # FFHQ quad side 240 px
+    assert crop_size_for(lm, 1024, 1) == 256               # 1024 -> 512 -> 256 >= 240; 128 < 240
+    assert crop_size_for(lm, 1024, 512) == 512             # never below the models' inputs
+    assert crop_size_for(lm, 200, 1) == 200                # never above the generator's size
+    assert crop_size_for(lm, 1000, 1) == 250               # halves only while an integer
+    big = synthetic_landmarks((900, 700), 400, 400, 0)     # quad side 1600 px: the full size
+    assert crop_size_for(big, 1024, 256) == 1024
+    assert crop_size_for(lm, 64, 64) == 64
+    for kwargs, match in (({"max_size": 4}, "max_size"), ({"max_size": True}, "max_size"),
+                          ({"min_size": 0}, "min_size"), ({"min_size": 2048}, "min_size")):
+        args = {"max_size": 1024, "min_size": 1, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            crop_size_for(lm, **args)
+
+
+def test_a_face_pasted_from_its_photo_sized_crop_matches_the_full_size_crop(rendered):
+    # the gateway aligns a small face at crop_size_for (here 128) instead of the generator's
+    # 512: the photo that comes back must be the same, up to resampling
+    from faceedit.world.render import apply_matrix, paste_into_scene
+
+    scene = paste_into_scene(rendered.images[0], np.random.default_rng(5), (300, 400), labels=rendered.labels[0])
+    lm = apply_matrix(scene.matrix, rendered.landmarks[0])
+    size = crop_size_for(lm, 512, 64)
+    assert size < 512
+    full, small = align(scene.image, lm, 512), align(scene.image, lm, size)
+    edited_full = 255 - full.image  # an "edit" that changes every pixel of the face
+    edited_small = np.asarray(Image.fromarray(edited_full).reduce(512 // size))
+    out_full = paste_back(scene.image, edited_full, full.matrix)
+    out_small = paste_back(scene.image, edited_small, small.matrix)
+    changed = np.any(out_full != scene.image, axis=2)
+    assert changed.mean() > 0.05
+    err = np.abs(out_full.astype(int) - out_small.astype(int))[changed]
+    assert err.mean() < 2.5
 
 
 @pytest.mark.parametrize("angle", [0.0, 23.0, -41.0])

@@ -550,7 +550,10 @@ class Evaluation:
         crops, references = await self.pipeline.synthesize_edit(model, produced.wplus, produced.style_delta, [original],
                                                                 weight, wplus if fuse_stage else None, self.call)
         if fuse_stage:
-            crops, _ = await self.pipeline._fuse([original], crops, references, produced.regions, self.call)
+            from services.gateway.fuse import blend
+
+            masks = await self.pipeline.fuse_masks([original], crops, references, produced.regions, self.call)
+            crops = [blend(original, crops[0], masks[0])]
         return crops[0], time.perf_counter() - start
 
     async def run_base(self, base: str, variants: Sequence[str], tasks: Sequence[EditTask], faces: Faces,

@@ -186,27 +186,28 @@ def method_name(value: int) -> str:
 # helpers: tensors, latents, images
 
 
-def to_tensor(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [3, size, size] in [-1, 1] (the serving contract). A square
-    image an integer factor larger is shrunk by area averaging (the FFHQ recipe's integer
-    shrink: 1024 -> 512 in 0.9 ms vs 13.7 ms for Lanczos, on the request path up to five
-    times per photo edit); any other size by Lanczos."""
+def square_image(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]. A square image an integer factor larger is
+    shrunk by area averaging (the FFHQ recipe's integer shrink: 1024 -> 512 in 0.9 ms vs
+    13.7 ms for Lanczos, on the request path up to five times per photo edit); any other
+    size by Lanczos."""
     height, width = img.shape[:2]
-    if height != size or width != size:
-        pil = Image.fromarray(img)
-        if height == width and height % size == 0:
-            img = np.asarray(pil.reduce(height // size))
-        else:
-            img = np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS))
-    return img.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    if height == size and width == size:
+        return img
+    pil = Image.fromarray(img)
+    if height == width and height % size == 0:
+        return np.asarray(pil.reduce(height // size))
+    return np.asarray(pil.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def to_tensor(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, size, size] in [-1, 1] (the serving contract)."""
+    return square_image(img, size).astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
 def to_image(tensor: np.ndarray, size: int) -> np.ndarray:
     """float32 [3, H, W] in [-1, 1] -> uint8 [size, size, 3]."""
-    img = np.clip(np.rint((tensor.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    if img.shape[0] != size:
-        img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
-    return img
+    return square_image(np.clip(np.rint((tensor.transpose(1, 2, 0) + 1.0) * 127.5), 0, 255).astype(np.uint8), size)
 
 
 def shown(text: str) -> str:
@@ -293,7 +294,7 @@ class AlignedPhotoFace:
     """One selected face of a decoded photo."""
 
     face: align.Face
-    aligned: align.AlignedFace        # crop at the generator's resolution
+    aligned: align.AlignedFace        # crop at the generator's resolution, or at the photo's detail (Pipeline._align)
     key: tuple                        # inversion-cache key
 
 
@@ -385,7 +386,9 @@ class Pipeline:
         photo: np.ndarray | None = None
         selected: list[AlignedPhotoFace] = []
         if photo_source:
-            inverted = await self._invert_photo(request.image, "image", faces, call)  # decode, align, invert
+            # the response's image is the pasted photo (crops at the photo's detail) or the crop
+            inverted = await self._invert_photo(request.image, "image", faces, call,  # decode, align, invert
+                                                full_size=not output.full_photo)
             photo, selected, wplus = inverted.photo, inverted.faces, inverted.wplus
         else:
             wplus = read_wplus(request.latent, "latent", self.manifest)[None]
@@ -401,19 +404,26 @@ class Pipeline:
             crops, references = await self.synthesize_edit(
                 synthesis, edited, style_delta, [s.aligned.image for s in selected], fusion_weight,
                 wplus if fuse_stage else None, call)
+            if photo_source:  # the synthesized crops meet the aligned photo crops at their size
+                crops, references = await asyncio.to_thread(
+                    lambda: ([square_image(c, s.aligned.image.shape[0]) for c, s in zip(crops, selected)],
+                             [square_image(r, s.aligned.image.shape[0]) for r, s in zip(references, selected)]))
 
         # what goes back into the photo: the whole synthesized crop, or after a fuse only the
-        # edited pixels (its mask), so the rest of the face keeps the photo's own resolution
-        pasted, masks = crops, [None] * len(crops)
+        # edited pixels (its mask), so the rest of the face keeps the photo's own pixels
+        masks: list[np.ndarray | None] = [None] * len(crops)
         if fuse_stage:
             async with call.stage("fuse"):
-                crops, masks = await self._fuse([s.aligned.image for s in selected], crops, references,
-                                                plan.regions, call)
+                masks = await self.fuse_masks([s.aligned.image for s in selected], crops, references,
+                                               plan.regions, call)
+                if not output.full_photo:  # the crop is the response: blend it here
+                    crops = await asyncio.to_thread(
+                        lambda: [fuse.blend(s.aligned.image, c, m) for s, c, m in zip(selected, crops, masks)])
 
         image = crops[0]
         if output.full_photo:
             async with call.stage("paste"):
-                image = await asyncio.to_thread(self._paste, photo, selected, pasted, masks)
+                image = await asyncio.to_thread(self._paste, photo, selected, crops, masks)
 
         async with call.stage("encode"):
             data, mime = await asyncio.to_thread(encode_image, image, output.fmt, output.quality)
@@ -515,14 +525,16 @@ class Pipeline:
 
     # ---- stages -------------------------------------------------------------------------
 
-    async def _invert_photo(self, data: bytes, field: str, faces: int, call: Call) -> InvertedPhoto:
+    async def _invert_photo(self, data: bytes, field: str, faces: int, call: Call,
+                            full_size: bool = False) -> InvertedPhoto:
         """decode -> detect + align -> invert, each a stage: a photo's `faces` largest faces
-        and their W+ codes."""
+        and their W+ codes. The aligned crops are at the generator's resolution when
+        `full_size` (the crop itself is returned), else at the photo's detail (`_align`)."""
         self._require("encoder")
         async with call.stage("decode"):
             photo = await self._decode(data, field)
         async with call.stage("align"):
-            selected = await self._align(photo, data, faces)
+            selected = await self._align(photo, data, faces, full_size)
         async with call.stage("invert"):
             wplus, cached = await self._invert(selected, call)
         return InvertedPhoto(photo=photo, faces=selected, wplus=wplus, cached=cached)
@@ -533,23 +545,30 @@ class Pipeline:
         except ImageError as exc:
             raise InvalidArgument(field, exc.message) from None
 
-    async def _align(self, photo: np.ndarray, data: bytes, faces: int) -> list[AlignedPhotoFace]:
-        """Detect faces (largest first), keep `faces` of them, FFHQ-align each at the
-        generator's resolution."""
+    async def _align(self, photo: np.ndarray, data: bytes, faces: int, full_size: bool) -> list[AlignedPhotoFace]:
+        """Detect faces (largest first), keep `faces` of them, FFHQ-align each: at the
+        generator's resolution when `full_size`, else at `align.crop_size_for` (no larger
+        than the photo's own detail of the face, no smaller than the encoder's and parser's
+        inputs): a 250 px face of a photo edited by a 1024 px generator is aligned, fused
+        and pasted at 512, a quarter of the pixel work, with nothing of the photo lost."""
         aligner = await self._aligner.get()
         if min(photo.shape[:2]) < 2:  # the detector needs 2x2 pixels; no face fits in less
             raise NoFace(f"no face found in the image ({photo.shape[1]}x{photo.shape[0]})")
         detected = await asyncio.to_thread(aligner.detect, photo)
         digest = image_digest(data)
+        resolution = self.manifest.resolution
+        floor = min(resolution, max(self.manifest.encoder_resolution or resolution, self.manifest.parser_resolution or 1))
         selected = []
         for face in detected:
             if len(selected) == faces:
                 break
             try:
-                aligned = await asyncio.to_thread(align.align, photo, face.landmarks, self.manifest.resolution)
+                # (crop_size_for's ValueError: degenerate landmarks, as align's below)
+                size = resolution if full_size else align.crop_size_for(face.landmarks, resolution, floor)
+                aligned = await asyncio.to_thread(align.align, photo, face.landmarks, size)
             except ValueError:  # degenerate landmarks, crop outside the photo: not a usable face
                 continue
-            selected.append(AlignedPhotoFace(face=face, aligned=aligned, key=(digest, face.box)))
+            selected.append(AlignedPhotoFace(face=face, aligned=aligned, key=(digest, face.box, size)))
         if not selected:
             raise NoFace(f"no face found in the image ({photo.shape[1]}x{photo.shape[0]}); "
                          "send a photo with a clearly visible, roughly frontal face")
@@ -602,27 +621,27 @@ class Pipeline:
         batch = np.stack([to_tensor(o, self.manifest.resolution) for o in originals])
         return (await self.infer("content_encoder", {"image": batch}, call))["content"]
 
-    async def _fuse(self, originals: list[np.ndarray], crops: list[np.ndarray], references: list[np.ndarray],
-                    regions: tuple[str, ...], call: Call) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Keep each edited crop only inside the edited attribute's parser regions (of the
-        original or the edited face) where the edit changed the generator's output (crop vs
-        `references`, the same faces synthesized unedited), with a feathered edge. Gating
-        against the reference rather than the photo keeps the photo's own pixels wherever
-        the generator merely failed to reproduce them (its inversion error). Returns the
-        blended crops and their masks (float32 [R, R])."""
+    async def fuse_masks(self, originals: list[np.ndarray], crops: list[np.ndarray], references: list[np.ndarray],
+                          regions: tuple[str, ...], call: Call) -> list[np.ndarray]:
+        """Where each edited crop may replace the original: inside the edited attribute's
+        parser regions (of the original or the edited face) where the edit changed the
+        generator's output (crop vs `references`, the same faces synthesized unedited), with
+        a feathered edge. Gating against the reference rather than the photo keeps the
+        photo's own pixels wherever the generator merely failed to reproduce them (its
+        inversion error). Returns one mask per crop (float32 [S, S], S = the crop's size);
+        the caller blends (the crop response) or pastes with them (the photo response)."""
         size = self.manifest.parser_resolution or self.manifest.resolution
         batch = np.stack([to_tensor(img, size) for img in (*originals, *crops)])
         labels = (await self.infer("parser", {"image": batch}, call))["labels"]
         classes = fuse.class_indices(regions)
         n = len(originals)
 
-        def blend_all() -> tuple[list[np.ndarray], list[np.ndarray]]:
-            masks = [fuse.edit_mask(labels[i], labels[n + i], classes, reference, crop, FUSE_CHANGE_THRESHOLD,
-                                    FUSE_WORK_SIZE) for i, (crop, reference) in enumerate(zip(crops, references,
-                                                                                             strict=True))]
-            return [fuse.blend(orig, crop, m) for orig, crop, m in zip(originals, crops, masks)], masks
+        def masks() -> list[np.ndarray]:
+            return [fuse.edit_mask(labels[i], labels[n + i], classes, reference, crop, FUSE_CHANGE_THRESHOLD,
+                                   FUSE_WORK_SIZE) for i, (crop, reference) in enumerate(zip(crops, references,
+                                                                                            strict=True))]
 
-        return await asyncio.to_thread(blend_all)
+        return await asyncio.to_thread(masks)
 
     @staticmethod
     def _paste(photo: np.ndarray, faces: list[AlignedPhotoFace], crops: list[np.ndarray],
