@@ -24,7 +24,7 @@ from PIL import Image
 
 from services.gateway import align as align_mod
 from services.gateway.align import AlignerConfig, FaceAligner, align, crop_size_for, ffhq_quad, quad_matrix
-from services.gateway.decode import ImageError, ImageLimits, decode_image, encode_image
+from services.gateway.decode import ImageError, ImageLimits, decode_image, encode_image, encode_png
 from services.gateway.fuse import CLASS_NAMES, blend, change_mask, class_indices, edit_mask, feather, pixel_difference
 from services.gateway.paste import crop_mask, paste_back
 
@@ -265,6 +265,24 @@ def test_image_limits_validated():
         ImageLimits(max_pixels=0)
     with pytest.raises(ValueError, match="formats"):
         ImageLimits(formats=("TIFF",))
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (2, 7), (31, 17), (256, 256)])
+def test_encode_png_is_a_valid_lossless_png_with_no_other_chunks(height, width):
+    rng = np.random.default_rng(height * 1000 + width)
+    img = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)   # every byte value, every wrap-around
+    img[: height // 2] = smooth_image(width, height)[: height // 2]      # and a smooth half, as photos are
+    data = encode_png(img)
+    Image.open(io.BytesIO(data)).verify()                              # chunk CRCs and structure
+    back = Image.open(io.BytesIO(data))
+    assert back.format == "PNG" and back.mode == "RGB" and back.size == (width, height)
+    np.testing.assert_array_equal(np.asarray(back), img)
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = struct.unpack(">I", data[pos:pos + 4])[0]
+        chunks.append(data[pos + 4:pos + 8])
+        pos += 12 + length
+    assert chunks == [b"IHDR", b"IDAT", b"IEND"] and pos == len(data)
 
 
 def test_encode_formats_and_no_metadata():
