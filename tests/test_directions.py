@@ -224,3 +224,13 @@ def test_direction_set_validation():
     assert bigger.names() == ("a", "b", "c") and ds.names() == ("a", "b")
     with pytest.raises(ValueError, match="read-only"):
         ds["a"][0] = 5.0
+
+
+def test_calibrated_scale_is_capped_at_the_codes_spread():
+    from faceedit.world.trainers.directions import MAX_RANGE_SIGMAS, capped_scale
+
+    assert capped_scale(0.3, 0.5, 1.0) == 0.3                           # within 6 std over the range
+    assert capped_scale(685.0, 0.5, 1.0) == MAX_RANGE_SIGMAS * 0.5        # a direction the generator ignores
+    assert capped_scale(-685.0, 0.5, 60.0) == -MAX_RANGE_SIGMAS * 0.5 / 60.0
+    with pytest.raises(ValueError, match="sigma and span"):
+        capped_scale(1.0, 0.0, 1.0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 import scipy.optimize
@@ -44,8 +45,22 @@ log = logging.getLogger("faceedit.train")
 
 # latent distances of the calibration, in units of the std of w along the direction
 CALIBRATION_STEPS = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+# An edit across an attribute's whole range may move at most this many stds of w along its
+# direction (the codes of real faces span about +-3 std). A direction the generator barely
+# renders has a near-zero slope, and its inverse would send a strength of 1 hundreds of stds
+# off every face (the v3 run's eyeglasses: scale 685 with the slope fitted unbiased).
+MAX_RANGE_SIGMAS = 6.0
 L2_PENALTY = 1e-3
 BATCH = 64
+
+
+def capped_scale(scale: float, sigma: float, span: float) -> float:
+    """A calibrated scale (latent distance per attribute unit) limited so that an edit across
+    the attribute's whole `span` moves at most MAX_RANGE_SIGMAS stds (`sigma`) of w."""
+    if not (sigma > 0 and span > 0):
+        raise ValueError(f"capped_scale: sigma and span must be > 0, got {sigma}, {span}")
+    limit = MAX_RANGE_SIGMAS * sigma / span
+    return scale if abs(scale) <= limit else math.copysign(limit, scale)
 
 
 def fit_boundary(w: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, float]:
@@ -169,11 +184,17 @@ def run(ctx: StageContext) -> StageOutcome:
         samples[name] = (np.concatenate(distances), np.concatenate(changes))
     calibration = fit_calibration(samples)
     for a, name in enumerate(ATTRIBUTE_NAMES):
-        scale = calibration.scale[a]
+        scale = capped_scale(calibration.scale[a], sigmas[name], float(ATTRIBUTE_SPAN[a]))
+        if scale != calibration.scale[a]:
+            log.warning("directions: %s calibration scale %.4g capped at %.4g: the classifier barely moves along "
+                        "the boundary normal within +-%g std (generator too weak for this attribute)", name,
+                        calibration.scale[a], scale, max(CALIBRATION_STEPS))
+            metrics[f"calibration_capped_{name}"] = 1.0
         if scale <= 0:
             log.warning("directions: %s calibration scale %.4g <= 0: moving along the boundary normal does not "
                         "increase the classifier's %s (generator too weak for this attribute)", name, scale, name)
         metrics[f"calibration_scale_{name}"] = scale
+        metrics[f"sigma_{name}"] = sigmas[name]
         spec = DirectionSpec(name=name, file=f"directions/{name}.npy", kind="interfacegan", layers=ranges[name],
                              attribute=name, scale=float(scale))
         _save_npy(ctx.paths.root / spec.file, normals[name])
