@@ -1,6 +1,6 @@
 """`faceedit train`: train the default model set on the synthetic face world, export it.
 
-    faceedit train --out runs/default [--minutes 80] [--bundle faceedit/default_bundle]
+    faceedit train --out runs/default [--minutes 85] [--bundle faceedit/default_bundle]
 
 Stages (faceedit/world/trainers/, in this order; each reads only earlier stages' outputs):
     data         render the training faces into .npz shards (faceedit/world/dataset.py)
@@ -63,7 +63,7 @@ from faceedit.world.trainers.config import PRESETS, STAGES, TrainConfig
 
 log = logging.getLogger("faceedit.train")
 
-DEFAULT_MINUTES = 80.0
+DEFAULT_MINUTES = 85.0
 DEFAULT_MAX_BUNDLE_MB = 40.0
 DESCRIPTION = "trained by faceedit train on the synthetic face world, {res} px"
 

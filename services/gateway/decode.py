@@ -159,11 +159,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 # PNG outputs are written by `encode_png`, not Pillow: every row gets PNG's "Up" filter (the
 # difference to the row above, one vectorised numpy subtraction) and zlib level 1 with run-
-# length matching (Z_RLE). Pillow tries several filters per row in C and took 66 ms for an
-# upscaled 1024x1024 face at its fastest settings (Huffman-only, 853 KB); this takes 23 ms
-# (879 KB), measured side by side on the 2-core dev CPU. Encoding is per-request CPU on the
-# latency path (at 1024 px it was 4 % of a latent edit); clients wanting small files ask for
-# JPEG or WEBP.
+# length matching (Z_RLE). Pillow tries several filters per row in C and took 51 ms for an
+# upscaled 1024x1024 face at its fastest settings (Huffman-only, 853 KB); this takes 24 ms
+# (879 KB), best of 7 side by side on the quiet 2-core dev CPU. Encoding is per-request CPU
+# on the latency path (at 1024 px it was 4 % of a latent edit); clients wanting small files
+# ask for JPEG or WEBP.
 PNG_ZLIB_LEVEL = 1
 PNG_ZLIB_STRATEGY = zlib.Z_RLE
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
