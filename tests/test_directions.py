@@ -229,7 +229,7 @@ def test_direction_set_validation():
 def test_calibrated_scale_is_capped_at_the_codes_spread():
     from faceedit.world.trainers.directions import MAX_RANGE_SIGMAS, capped_scale
 
-    assert capped_scale(0.3, 0.5, 1.0) == 0.3                           # within 6 std over the range
+    assert capped_scale(0.3, 0.5, 1.0) == 0.3                           # within the cap over the range
     assert capped_scale(685.0, 0.5, 1.0) == MAX_RANGE_SIGMAS * 0.5        # a direction the generator ignores
     assert capped_scale(-685.0, 0.5, 60.0) == -MAX_RANGE_SIGMAS * 0.5 / 60.0
     with pytest.raises(ValueError, match="sigma and span"):
