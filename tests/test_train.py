@@ -22,7 +22,7 @@ from faceedit.world.attributes import ATTRIBUTE_NAMES, ATTRIBUTES
 from faceedit.world.dataset import ATTRIBUTE_LOW, ATTRIBUTE_SPAN, load_shards, render_shards, shard_seed
 from faceedit.world.train import BundleError, attribute_specs, install_bundle, train
 from faceedit.world.trainers import autoencoder
-from faceedit.world.trainers.common import TrainingError
+from faceedit.world.trainers.common import TrainingError, annealed_lr
 from faceedit.world.trainers.config import SMOKE, STAGES
 from faceedit.world.trainers.directions import fit_boundary
 from faceedit.world.trainers.mapper import sample_delta
@@ -83,7 +83,7 @@ def test_smoke_training_resumes_after_a_crash_and_writes_a_loadable_bundle(tmp_p
     assert manifest.resolution == SMOKE.resolution
     assert manifest.description == f"trained by faceedit train on the synthetic face world, {SMOKE.resolution} px"
     assert tuple(a.name for a in manifest.attributes) == ATTRIBUTE_NAMES
-    assert manifest.attribute("eyeglasses").regions == ("eye_g",)
+    assert manifest.attribute("eyeglasses").regions == ("eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "nose", "skin")
     kinds = [d.kind for d in manifest.directions]
     assert kinds.count("interfacegan") == len(ATTRIBUTE_NAMES)
     assert kinds.count("ganspace") == kinds.count("sefa") == SMOKE.unsupervised_components
@@ -121,6 +121,17 @@ def test_boundary_fit_recovers_a_known_normal():
     assert float(normal @ truth) > 0.95 and abs(np.linalg.norm(normal) - 1) < 1e-5
     with pytest.raises(ValueError, match="all one class"):
         fit_boundary(w, np.ones(400))
+
+
+def test_annealed_lr_holds_then_falls_to_the_floor():
+    assert annealed_lr(3e-3, 0.0, 0.5, 0.05) == annealed_lr(3e-3, 0.5, 0.5, 0.05) == 3e-3
+    assert math.isclose(annealed_lr(3e-3, 0.75, 0.5, 0.05), 3e-3 * (0.05 + 0.95 * 0.5))
+    assert math.isclose(annealed_lr(3e-3, 1.0, 0.5, 0.05), 3e-3 * 0.05)
+    assert math.isclose(annealed_lr(3e-3, 1.5, 0.5, 0.05), 3e-3 * 0.05)  # progress past the end stays at the floor
+    rates = [annealed_lr(1.0, p / 100, 0.5, 0.0) for p in range(101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError, match="hold must be in"):
+        annealed_lr(1.0, 0.5, 1.0, 0.05)
 
 
 def test_latent_avg_fold_keeps_the_served_wplus():

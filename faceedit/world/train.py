@@ -73,13 +73,16 @@ DESCRIPTION = "trained by faceedit train on the synthetic face world, {res} px"
 # background, clothes and neck where they are (the union of the original's and the edited
 # face's regions also covers background the turn uncovers). Likewise a smile moves the lips
 # (a wider mouth is lip in the edited face) and bangs are hair on the edited forehead, so
-# neither names the skin: the skin region is the whole face.
+# neither names the skin: the skin region is the whole face. Glasses sit mostly on skin: in
+# held-out renders of faces without glasses, 80 % of the pixels that adding glasses changes
+# are skin, 17 % eyes, the rest hair and nose; with eye_g alone a face without glasses
+# had no region to edit and the masked methods refused 16 of 20 such requests.
 HEAD_REGIONS: tuple[str, ...] = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
                                  "nose", "mouth", "u_lip", "l_lip", "hair", "hat")
 ATTRIBUTE_REGIONS: dict[str, tuple[str, ...]] = {
     "smile": ("mouth", "u_lip", "l_lip"),
     "mouth_open": ("mouth", "u_lip", "l_lip"),
-    "eyeglasses": ("eye_g",),
+    "eyeglasses": ("eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "nose", "skin"),
     "beard": ("skin",),
     "hair_colour": ("hair",),
     "age": ("skin", "nose", "hair"),

@@ -158,6 +158,9 @@ class StageLoop:
         self.max_steps = max_steps
         self.step = 0
         self.elapsed_before = 0.0
+        # share of the stage done before the current step, by time or by steps (whichever is
+        # further): what a learning-rate schedule reads, since a stage's end is its time allowance
+        self.progress = 0.0
         self._avg: dict[str, float] = {}
 
     @property
@@ -224,6 +227,7 @@ class StageLoop:
             elapsed = self.elapsed_before + time.perf_counter() - start
             if elapsed >= allowance and self.step > 0:
                 break
+            self.progress = min(1.0, max(elapsed / allowance if allowance > 0 else 1.0, self.step / self.max_steps))
             losses = step_fn(self.step)
             self._record(losses)
             self.step += 1
@@ -242,6 +246,14 @@ class StageLoop:
         self.nets.eval()
         return StageOutcome(steps=self.step, resumed_from=resumed_from, seconds_before=self.elapsed_before,
                             losses=dict(self._avg))
+
+
+def annealed_lr(lr: float, progress: float, hold: float, floor: float) -> float:
+    """`lr` until `progress` reaches `hold`, then a half-cosine down to `lr * floor` at 1."""
+    if not 0 <= hold < 1 or not 0 <= floor <= 1:
+        raise ValueError(f"annealed_lr: hold must be in [0, 1) and floor in [0, 1], got {hold}, {floor}")
+    t = min(max((progress - hold) / (1.0 - hold), 0.0), 1.0)
+    return lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
 # ---- networks of earlier stages ----------------------------------------------------------

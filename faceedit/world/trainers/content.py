@@ -18,7 +18,7 @@ from faceedit.checkpoint import save_own
 from faceedit.nets.content import ContentEncoder
 from faceedit.world.dataset import IndexSampler, images_to_tensor
 from faceedit.world.trainers.common import (KIND_CONTENT_ENCODER, StageContext, StageLoop, StageOutcome, batched,
-                                            feature_loss, load_classifier, load_encoder, load_generator,
+                                            annealed_lr, feature_loss, load_classifier, load_encoder, load_generator,
                                             load_identity, psnr, save_generator, save_grid)
 
 log = logging.getLogger("faceedit.train")
@@ -44,6 +44,8 @@ def run(ctx: StageContext) -> StageOutcome:
         return encoder(x) + latent_avg
 
     def step(_: int) -> dict[str, torch.Tensor]:
+        for group in opt.param_groups:
+            group["lr"] = annealed_lr(cfg.lr_content, loop.progress, cfg.content_anneal_hold, cfg.content_anneal_floor)
         x = data.batch(sampler(batch))["image"]
         with torch.no_grad():
             wplus = encode(x)
@@ -56,7 +58,8 @@ def run(ctx: StageContext) -> StageOutcome:
         opt.step()
         return {"l1": l1.detach(), "feat": feat.detach()}
 
-    outcome = StageLoop(ctx, nets, {"content": opt}, {"batches": sampler}, cfg.max_steps("content")).run(step)
+    loop = StageLoop(ctx, nets, {"content": opt}, {"batches": sampler}, cfg.max_steps("content"))
+    outcome = loop.run(step)
     fusion.requires_grad_(False)
     with torch.no_grad():
         val = images_to_tensor(ctx.validation.images)
