@@ -132,6 +132,11 @@ def test_annealed_lr_holds_then_falls_to_the_floor():
     assert all(a >= b for a, b in zip(rates, rates[1:]))
     with pytest.raises(ValueError, match="hold must be in"):
         annealed_lr(1.0, 0.5, 1.0, 0.05)
+    # the training config refuses a schedule it could not run, before any stage starts
+    with pytest.raises(ValueError, match="content_anneal_hold"):
+        dataclasses.replace(SMOKE, content_anneal_hold=1.0)
+    with pytest.raises(ValueError, match="content_anneal_floor"):
+        dataclasses.replace(SMOKE, content_anneal_floor=1.5)
 
 
 def test_latent_avg_fold_keeps_the_served_wplus():

@@ -158,9 +158,14 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f.name}: must be > 0, got {value}")
             if f.name.startswith(("steps_", "batch_")) and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"TrainConfig.{f.name}: must be an int >= 1, got {value!r}")
-        for name in ("ae_l1", "ae_feature", "ae_delta", "ae_parts", "ae_attribute", "ae_adversarial"):
+        for name in ("ae_l1", "ae_feature", "ae_delta", "ae_parts", "ae_attribute", "ae_adversarial", "content_feature"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name}: must be >= 0, got {getattr(self, name)}")
+        # checked here, not only by annealed_lr, so a bad value fails before the stages before it run
+        if not 0 <= self.content_anneal_hold < 1:
+            raise ValueError(f"TrainConfig.content_anneal_hold: must be in [0, 1), got {self.content_anneal_hold}")
+        if not 0 <= self.content_anneal_floor <= 1:
+            raise ValueError(f"TrainConfig.content_anneal_floor: must be in [0, 1], got {self.content_anneal_floor}")
         if self.ae_progressive_steps < 1:
             raise ValueError(f"TrainConfig.ae_progressive_steps: must be >= 1, got {self.ae_progressive_steps}")
         if not 0 < self.direction_quantile <= 0.5:
