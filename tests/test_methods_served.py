@@ -314,6 +314,43 @@ def test_style_intervention_targets_the_classifier_of_the_generated_face(gateway
     np.testing.assert_allclose(array(face.style_delta), expected, atol=1e-5)
 
 
+def test_keep_holds_the_other_attributes_at_the_faces_reading(gateway, manifest, model_set, refiner):
+    # STYLE_INTERVENTION / MASKED_OPTIMIZATION: a kept attribute joins the classifier's target
+    # vector at its own reading (change 0), as MaskFaceGAN's multi-attribute target does
+    w = random_wplus(manifest, 4)
+    keep_steps = 12
+    r = gateway.stub.Edit(pb.EditRequest(
+        latent=wplus_latent(manifest, w), method=pb.EDIT_METHOD_STYLE_INTERVENTION, keep=["age", "eyeglasses"],
+        edits=[pb.AttributeEdit(name="smile", strength=0.3)], optimization=pb.OptimizationOptions(steps=keep_steps)), timeout=60)
+    (face,) = r.faces
+    zeros = np.zeros((1, manifest.style_total), np.float32)
+    generated = to_image(session(model_set, "synthesis").run(None, {"wplus": w[None], "style_delta": zeros})[0][0],
+                         manifest.resolution)
+    logits = session(model_set, "classifier").run(None, {"image": to_tensor(generated, manifest.classifier_resolution)[None]})[0]
+    targets = {"smile": readout_target(float(logits[0, 0]), 0.3), "age": readout_target(float(logits[0, 1]), 0.0),
+               "eyeglasses": readout_target(float(logits[0, 2]), 0.0)}
+    kept = refiner.run(torch_refine.RefineRequest("STYLE_INTERVENTION", targets, steps=keep_steps, time_budget_s=60),
+                       torch.from_numpy(w[None]), None).style_delta[0].numpy()
+    alone = refiner.run(torch_refine.RefineRequest("STYLE_INTERVENTION", {"smile": targets["smile"]}, steps=keep_steps,
+                                                   time_budget_s=60), torch.from_numpy(w[None]), None).style_delta[0].numpy()
+    np.testing.assert_allclose(array(face.style_delta), kept, atol=1e-5)
+    assert np.abs(kept - alone).max() > 1e-5          # the kept targets changed the optimization
+
+
+@pytest.mark.parametrize("method", ["STYLE_INTERVENTION", "MASKED_OPTIMIZATION"])
+@pytest.mark.parametrize("keep, field, text", [
+    (["beard"], "keep[0]", "the classifier has no attribute 'beard'; valid: ['age', 'eyeglasses', 'smile']"),
+    (["age", "smile"], "keep", "names 'smile', which the edits change"),
+    (["age", "eyeglasses", "age"], "keep[2]", "names 'age' a second time"),
+])
+def test_keep_of_the_target_methods_is_checked(gateway, manifest, method, keep, field, text):
+    err = status_of(gateway.stub.Edit, pb.EditRequest(
+        latent=wplus_latent(manifest, random_wplus(manifest, 5)), method=pb.EditMethod.Value(f"EDIT_METHOD_{method}"),
+        keep=keep, edits=[pb.AttributeEdit(name="smile", strength=0.3)]), timeout=30)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith(field + ":"), err.details()
+    assert text in err.details(), err.details()
+
+
 def test_optimization_and_masked_optimization_of_a_photo(gateway, photo, manifest, model_set, refiner, aligner):
     # the aligned crop exactly as the gateway makes it (same detector, same landmarks)
     (found,) = aligner.detect(photo)

@@ -866,7 +866,8 @@ def _check_options(request: pb.EditRequest, allowed: str | None) -> None:
 
 def _no_keep(request: pb.EditRequest) -> None:
     if request.keep:
-        raise InvalidArgument("keep", "conditional edits (keep) are only supported by methods DIRECTION and OPTIMIZATION")
+        raise InvalidArgument("keep", "conditional edits (keep) are only supported by methods DIRECTION, OPTIMIZATION, "
+                              "STYLE_INTERVENTION and MASKED_OPTIMIZATION")
 
 
 def _direction_strength(p: "Pipeline", d: DirectionSpec, edit: pb.AttributeEdit, field: str) -> float:
@@ -1254,9 +1255,8 @@ def plan_optimization(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
 
 def _target_edits(p: "Pipeline", request: pb.EditRequest) -> tuple[OptimizationBudget, dict[str, float], tuple[str, ...]]:
     """The attribute changes an optimization method reaches for -> (budget, {attribute:
-    change in attribute units}, the parser regions they live in)."""
+    change in attribute units, kept attributes at 0}, the parser regions the edits live in)."""
     method = method_name(request.method)
-    _no_keep(request)
     _check_options(request, "optimization")
     budget = _optimization_budget(p, request)
     _no_layers(request, f"{method} optimizes toward attribute targets, not along W+ layers")
@@ -1264,7 +1264,19 @@ def _target_edits(p: "Pipeline", request: pb.EditRequest) -> tuple[OptimizationB
     edits = _attribute_edits(p, request, known, "the classifier")
     changes = {a.name: _attribute_strength(i, a, e) for i, a, e in edits}
     # an attribute without regions (age, pose) may change the whole head
-    return budget, changes, tuple(sorted({r for name in changes for r in p.manifest.edit_regions(name)}))
+    regions = tuple(sorted({r for name in changes for r in p.manifest.edit_regions(name)}))
+    # keep: the classifier's target vector holds these attributes at the photo's own reading
+    # (change 0), so the optimizer is pulled back when the edit drags them along
+    edited = set(changes)
+    for i, name in enumerate(request.keep):
+        if name not in known:
+            raise InvalidArgument(f"keep[{i}]", f"the classifier has no attribute {shown(name)}; valid: {sorted(known)}")
+        if name in edited:
+            raise InvalidArgument("keep", f"names {name!r}, which the edits change; an attribute cannot be edited and kept")
+        if name in changes:
+            raise InvalidArgument(f"keep[{i}]", f"names {name!r} a second time")
+        changes[name] = 0.0
+    return budget, changes, regions
 
 
 def plan_style_intervention(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
@@ -1321,8 +1333,8 @@ METHODS: dict[int, MethodSpec] = {
         "Wu et al., StyleSpace Analysis: Disentangled Controls for StyleGAN Image Generation, CVPR 2021",
         False, (), "", plan_stylespace),
     pb.EDIT_METHOD_STYLE_INTERVENTION: MethodSpec(
-        "sparse style-space change optimized toward the requested attribute change inside its region; "
-        "optimization.steps / time_budget_s",
+        "sparse style-space change optimized toward the requested attribute change inside its region, "
+        "keep holding other attributes at the face's reading; optimization.steps / time_budget_s",
         "Liu et al., Style Intervention: How to Achieve Spatial Disentanglement with Style-based Generators?, 2020",
         True, ("classifier", "parser"), "", plan_style_intervention),
     pb.EDIT_METHOD_MAPPER: MethodSpec(
@@ -1337,7 +1349,8 @@ METHODS: dict[int, MethodSpec] = {
         True, ("encoder",), "", plan_optimization),
     pb.EDIT_METHOD_MASKED_OPTIMIZATION: MethodSpec(
         "W+ optimized toward the requested attribute change inside the attribute's parser region, the "
-        "photo kept outside; optimization.steps / time_budget_s",
+        "photo kept outside, keep holding other attributes at the face's reading; optimization.steps / "
+        "time_budget_s",
         "Pernus et al., MaskFaceGAN: High-Resolution Face Editing With Masked GAN Latent Code Optimization, "
         "IEEE TIP 2023",
         True, ("classifier", "parser"), "", plan_masked_optimization),
