@@ -748,11 +748,14 @@ def test_edit_mask_is_the_feathered_gated_region_and_scales_up_from_its_work_siz
     edited[40:80, 40:90] = 255 - edited[40:80, 40:90]           # the edit changed this block only
     labels = np.zeros((64, 64), np.int64)
     labels[15:45, 15:50] = 12                                    # u_lip, at the parser's 64 px
-    # at work size = crop size it is exactly change_mask -> feather on the crop grid
+    # at work size = crop size it is exactly change_mask with a feathered edge outside it, on the crop grid
     idx = np.arange(128) * 64 // 128
-    expected = feather(change_mask(labels[np.ix_(idx, idx)], labels[np.ix_(idx, idx)], [12],
-                                   diff=pixel_difference(reference, edited), diff_threshold=0.02), 4)
-    np.testing.assert_allclose(edit_mask(labels, labels, [12], reference, edited, 0.02, 256), expected, atol=1e-6)
+    gated = change_mask(labels[np.ix_(idx, idx)], labels[np.ix_(idx, idx)], [12],
+                        diff=pixel_difference(reference, edited), diff_threshold=0.02)
+    full = edit_mask(labels, labels, [12], reference, edited, 0.02, 256)
+    np.testing.assert_allclose(full, np.maximum(gated, feather(gated, 2)), atol=1e-6)
+    assert (full >= gated).all()                                 # the edge never eats into the region
+    assert (full[gated == 1.0] == 1.0).all() and full[:, 100:].max() == 0.0   # fully changed pixels shown in full
     # computed at 32 px and scaled up: still 1 inside the changed part of the region, exactly 0 far outside
     small = edit_mask(labels, labels, [12], reference, edited, 0.02, 32)
     assert small.shape == (128, 128) and small.dtype == np.float32

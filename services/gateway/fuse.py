@@ -103,8 +103,13 @@ def edit_mask(labels_original: np.ndarray, labels_edited: np.ndarray, regions: I
               edited: np.ndarray, diff_threshold: float, work_size: int) -> np.ndarray:
     """The fuse stage's soft mask [S, S] (S = the crops' size) of where an edit may show:
     `change_mask` of the parser labels (any size, looked up nearest-neighbour) gated by how
-    much `edited` differs from the unedited `reference` synthesis, feathered over S/32 px.
-    The mask is smooth, so it is computed at `work_size` (when S is larger; images shrunk by
+    much `edited` differs from the unedited `reference` synthesis, with a soft edge of S/64 px
+    that lies outside it: the mask keeps its full value inside and ramps down beyond.
+    A ramp centred on the edge halved thin regions (lips are 2-3 px at 64 px: MaskFaceGAN's
+    lipstick and smile edits reached the classifier's target inside its own hard-edged
+    composite but not in the fused crop); measured on the 64 px default set, 20 held-out
+    faces, MaskFaceGAN: edit success 0.883 -> 0.922 by the classifier, 0.350 -> 0.411 by the
+    ground truth, leakage 0.098 -> 0.108, PSNR outside 30.85 -> 30.01 dB. The mask is smooth, so it is computed at `work_size` (when S is larger; images shrunk by
     area averaging) and scaled up bilinearly: at S = 1024 this cut the stage's own time
     from ~120 to ~30 ms per face on the 2-core dev CPU."""
     size = np.asarray(edited).shape[0]
@@ -116,7 +121,7 @@ def edit_mask(labels_original: np.ndarray, labels_edited: np.ndarray, regions: I
                              for img in (reference, edited))
     mask = change_mask(lo[np.ix_(idx, idx)], le[np.ix_(idx, idx)], regions, diff=pixel_difference(reference, edited),
                        diff_threshold=diff_threshold)
-    mask = feather(mask, max(1, work // 32))
+    mask = np.maximum(mask, feather(mask, max(1, work // 64)))
     if work < size:
         mask = np.asarray(Image.fromarray(mask, mode="F").resize((size, size), Image.Resampling.BILINEAR))
     return np.clip(mask, 0.0, 1.0).astype(np.float32)
