@@ -109,7 +109,8 @@ def edit_mask(labels_original: np.ndarray, labels_edited: np.ndarray, regions: I
     lipstick and smile edits reached the classifier's target inside its own hard-edged
     composite but not in the fused crop); measured on the 64 px default set, 20 held-out
     faces, MaskFaceGAN: edit success 0.883 -> 0.922 by the classifier, 0.350 -> 0.411 by the
-    ground truth, leakage 0.098 -> 0.108, PSNR outside 30.85 -> 30.01 dB. The mask is smooth, so it is computed at `work_size` (when S is larger; images shrunk by
+    ground truth, leakage 0.098 -> 0.108, PSNR outside 30.85 -> 30.01 dB.
+    The mask is smooth, so it is computed at `work_size` (when S is larger; images shrunk by
     area averaging) and scaled up bilinearly: at S = 1024 this cut the stage's own time
     from ~120 to ~30 ms per face on the 2-core dev CPU."""
     size = np.asarray(edited).shape[0]
