@@ -132,6 +132,19 @@ def session(model_set: Path, name: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(model_set / f"{name}.onnx"), providers=["CPUExecutionProvider"])
 
 
+def generated_image(model_set: Path, manifest, w: np.ndarray) -> np.ndarray:
+    """G(w) through the served synthesis (no style change), as a uint8 crop."""
+    zeros = np.zeros((1, manifest.style_total), np.float32)
+    return to_image(session(model_set, "synthesis").run(None, {"wplus": w[None], "style_delta": zeros})[0][0],
+                    manifest.resolution)
+
+
+def classifier_logits(model_set: Path, manifest, image: np.ndarray) -> np.ndarray:
+    """The served classifier's logits [A] of one crop."""
+    return session(model_set, "classifier").run(
+        None, {"image": to_tensor(image, manifest.classifier_resolution)[None]})[0][0]
+
+
 # ---------------------------------------------------------------------------------------
 # the interface copies and the editor data
 
@@ -301,11 +314,9 @@ def test_style_intervention_targets_the_classifier_of_the_generated_face(gateway
     np.testing.assert_array_equal(array(face.edited_latent), w)      # the change is all in S
     # the same job by hand: G(w) through the served synthesis, the served classifier's logit,
     # the target moved by +0.3 in attribute units, then the Refiner itself
-    zeros = np.zeros((1, manifest.style_total), np.float32)
-    generated = to_image(session(model_set, "synthesis").run(None, {"wplus": w[None], "style_delta": zeros})[0][0],
-                         manifest.resolution)
-    logits = session(model_set, "classifier").run(None, {"image": to_tensor(generated, manifest.classifier_resolution)[None]})[0]
-    targets = {"smile": readout_target(float(logits[0, 0]), 0.3)}
+    generated = generated_image(model_set, manifest, w)
+    logits = classifier_logits(model_set, manifest, generated)
+    targets = {"smile": readout_target(float(logits[0]), 0.3)}
     result = refiner.run(torch_refine.RefineRequest("STYLE_INTERVENTION", targets, steps=3, time_budget_s=60),
                          torch.from_numpy(w[None]), None)
     assert result.steps_done == 3
@@ -321,14 +332,13 @@ def test_keep_holds_the_other_attributes_at_the_faces_reading(gateway, manifest,
     keep_steps = 12
     r = gateway.stub.Edit(pb.EditRequest(
         latent=wplus_latent(manifest, w), method=pb.EDIT_METHOD_STYLE_INTERVENTION, keep=["age", "eyeglasses"],
-        edits=[pb.AttributeEdit(name="smile", strength=0.3)], optimization=pb.OptimizationOptions(steps=keep_steps)), timeout=60)
+        edits=[pb.AttributeEdit(name="smile", strength=0.3)],
+        optimization=pb.OptimizationOptions(steps=keep_steps)), timeout=60)
     (face,) = r.faces
-    zeros = np.zeros((1, manifest.style_total), np.float32)
-    generated = to_image(session(model_set, "synthesis").run(None, {"wplus": w[None], "style_delta": zeros})[0][0],
-                         manifest.resolution)
-    logits = session(model_set, "classifier").run(None, {"image": to_tensor(generated, manifest.classifier_resolution)[None]})[0]
-    targets = {"smile": readout_target(float(logits[0, 0]), 0.3), "age": readout_target(float(logits[0, 1]), 0.0),
-               "eyeglasses": readout_target(float(logits[0, 2]), 0.0)}
+    generated = generated_image(model_set, manifest, w)
+    logits = classifier_logits(model_set, manifest, generated)
+    targets = {"smile": readout_target(float(logits[0]), 0.3), "age": readout_target(float(logits[1]), 0.0),
+               "eyeglasses": readout_target(float(logits[2]), 0.0)}
     kept = refiner.run(torch_refine.RefineRequest("STYLE_INTERVENTION", targets, steps=keep_steps, time_budget_s=60),
                        torch.from_numpy(w[None]), None).style_delta[0].numpy()
     alone = refiner.run(torch_refine.RefineRequest("STYLE_INTERVENTION", {"smile": targets["smile"]}, steps=keep_steps,
@@ -371,8 +381,8 @@ def test_optimization_and_masked_optimization_of_a_photo(gateway, photo, manifes
     r = gateway.stub.Edit(pb.EditRequest(image=png_bytes(photo), method=pb.EDIT_METHOD_MASKED_OPTIMIZATION,
                                          edits=[pb.AttributeEdit(name="eyeglasses", strength=-0.4)]), timeout=60)
     (face,) = r.faces
-    logits = session(model_set, "classifier").run(None, {"image": to_tensor(crop, manifest.classifier_resolution)[None]})[0]
-    targets = {"eyeglasses": readout_target(float(logits[0, 2]), -0.4)}
+    logits = classifier_logits(model_set, manifest, crop)
+    targets = {"eyeglasses": readout_target(float(logits[2]), -0.4)}
     expected = refiner.run(torch_refine.RefineRequest("MASKED_OPTIMIZATION", targets, steps=STEPS, time_budget_s=60),
                            torch.from_numpy(array(face.latent)[None].copy()), image).wplus[0].numpy()
     np.testing.assert_allclose(array(face.edited_latent), expected, atol=1e-4)
@@ -478,9 +488,7 @@ def test_attribute_edits_and_a_second_face_together_are_refused(gateway, manifes
 def test_a_face_without_the_region_is_failed_precondition(model_set, manifest, aligner, tmp_path):
     # a copy of the set where eyeglasses live in a parser class that this face's parse lacks
     w = random_wplus(manifest, 8)
-    zeros = np.zeros((1, manifest.style_total), np.float32)
-    generated = to_image(session(model_set, "synthesis").run(None, {"wplus": w[None], "style_delta": zeros})[0][0],
-                         manifest.resolution)
+    generated = generated_image(model_set, manifest, w)
     labels = session(model_set, "parser").run(None, {"image": to_tensor(generated, manifest.parser_resolution)[None]})[1]
     absent = next(c for i, c in enumerate(manifest.parser_classes) if i > 0 and not (labels == i).any())
     copy = tmp_path / "set"
