@@ -117,7 +117,7 @@ class RefineServing:
 REFINE_SERVING = RefineServing()
 
 # Triton data types of REFINE_INPUTS / REFINE_OUTPUTS (the Triton client's names)
-_REFINE_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32"}
+_REFINE_TYPES = {"BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32"}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import nn
 from faceedit.checkpoint import CheckpointError, save_own
 from faceedit.edits import StyleLayout
 from faceedit.loaders.stylegan2 import save_generator
-from faceedit.methods import (composite, feather, region_classes, region_mask, targets_for)
+from faceedit.methods import attribute_loss, composite, feather, region_classes, region_mask, targets_for
 from faceedit.methods.embedding import EmbeddingConfig, Image2StyleGANEmbedding
 from faceedit.methods.maskfacegan import MaskFaceGAN, MaskFaceGANConfig
 from faceedit.methods.perceptual import (CLASSIFIER_PERCEPTUAL, VGG16_HEAD_KEYS, PerceptualConfig, VGG16Features,
@@ -351,10 +351,51 @@ def test_runner_cancellation_and_convergence(refiner, models):
     (dict(method="MASKED_OPTIMIZATION"), "needs at least one target"),
     (dict(method="STYLE_INTERVENTION", targets={"smile": float("nan")}), "must be finite"),
     (dict(method="STYLE_INTERVENTION", targets={"smile": 1.0}, hyper=EmbeddingConfig()), "StyleInterventionConfig"),
+    (dict(method="STYLE_INTERVENTION", targets={"smile": 1.0}, weights={"age": 1.0}),
+     r"weights: must name exactly the targets \['smile'\]"),
+    (dict(method="STYLE_INTERVENTION", targets={"smile": 1.0, "age": 0.0}, weights={"smile": 0.0, "age": 0.0}),
+     "weights: must be finite, >= 0 and not all 0"),
+    (dict(method="STYLE_INTERVENTION", targets={"smile": 1.0}, weights={"smile": -1.0}), "weights: must be finite"),
+    (dict(method="STYLE_INTERVENTION", targets={"smile": 1.0}, regions=("mouth", "mouth")), "regions: must be distinct"),
+    (dict(method="OPTIMIZATION", regions=("mouth",)), "regions: OPTIMIZATION"),
 ])
 def test_request_limits_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RefineRequest(**kwargs)
+
+
+def test_attribute_loss_weights_its_terms(models):
+    from faceedit.methods.perceptual import resize
+    g = models.generator
+    image = g.synthesis(_wplus(g, 1, 25)).detach()
+    logits = models.classifier(resize(image, models.classifier.config.resolution))[0]
+    names = models.classifier.config.attributes
+    goal = {names[0]: float(logits[0]) + 1.0, names[1]: float(logits[1]) - 2.0}   # errors 1 and 4
+    mean = attribute_loss(models.classifier, image, targets_for(models.classifier, goal))
+    weighted = attribute_loss(models.classifier, image,
+                              targets_for(models.classifier, goal, {names[0]: 1.0, names[1]: 0.25}))
+    torch.testing.assert_close(mean, torch.tensor([2.5]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weighted, torch.tensor([2.0]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="weights: must name exactly the targets"):
+        targets_for(models.classifier, goal, {names[0]: 1.0})
+
+
+def test_named_regions_confine_maskfacegan_to_them(refiner, models):
+    # a held attribute (a target at the face's own reading) must not open its region: the
+    # request names the regions, and only they change
+    g = models.generator
+    w, photo = _wplus(g, 1, 26), g.synthesis(_wplus(g, 1, 27)).detach()
+    before = float(_smile_logit(models, photo))
+    request = RefineRequest("MASKED_OPTIMIZATION", {"smile": before + 3.0, "age": 0.0}, weights={"smile": 1.0, "age": 0.1},
+                            regions=("mouth",), steps=2, time_budget_s=60.0)
+    result = refiner.run(request, w, photo)
+    job = refiner.start(request, w, photo)
+    mouth = region_mask(models.parser, photo, region_classes(CELEBAMASK_HQ_CLASSES, ["mouth"]))
+    assert torch.equal(job.photo_region, mouth)
+    assert dict(zip(job.targets.indices, job.targets.weights)) == {C_CFG.attributes.index("smile"): 1.0,
+                                                                    C_CFG.attributes.index("age"): 0.1}
+    outside = (job.blend_mask(g.synthesis(result.wplus)) == 0).expand_as(photo)
+    assert torch.equal(result.image[outside], photo[outside])
 
 
 def test_runner_rejects_inputs_that_do_not_fit(refiner, models):
@@ -392,7 +433,8 @@ def test_refine_model_folder_and_tensor_interface(tmp_path):
     w = _wplus(g, 1, 32).numpy()
     arrays = {"method": np.array([b"STYLE_INTERVENTION"], dtype=np.object_), "wplus": w,
               "image": np.zeros((1, 3, 32, 32), np.float32),
-              "targets": np.array([[2.0, np.nan]], np.float32), "steps": np.array([2], np.int32),
+              "targets": np.array([[2.0, np.nan]], np.float32), "weights": np.array([[1.0, 0.0]], np.float32),
+              "regions": np.zeros((1, len(CELEBAMASK_HQ_CLASSES)), np.bool_), "steps": np.array([2], np.int32),
               "time_budget_s": np.array([30.0], np.float32)}
     out = refine_arrays(refiner, arrays)
     assert set(out) == set(REFINE_OUTPUTS)
@@ -403,6 +445,12 @@ def test_refine_model_folder_and_tensor_interface(tmp_path):
 
     with pytest.raises(ValueError, match=r"targets.*float32 \[1, 2\]"):
         refine_arrays(refiner, {**arrays, "targets": np.array([[2.0]], np.float32)})
+    with pytest.raises(ValueError, match=r"'weights': must be float32 \[1, 2\]"):
+        refine_arrays(refiner, {**arrays, "weights": np.array([[1.0]], np.float32)})
+    with pytest.raises(ValueError, match=r"'regions': must be bool \[1, 19\]"):
+        refine_arrays(refiner, {**arrays, "regions": np.zeros((1, 19), np.float32)})
+    with pytest.raises(ValueError, match="weights: must be finite, >= 0 and not all 0"):
+        refine_arrays(refiner, {**arrays, "weights": np.array([[0.0, 1.0]], np.float32)})
     with pytest.raises(ValueError, match="'steps': must be int32"):
         refine_arrays(refiner, {**arrays, "steps": np.array([2], np.int64)})
     with pytest.raises(ValueError, match=r"steps: must be an integer in \[1, 2000\]"):

@@ -43,6 +43,7 @@ from faceedit.world.trainers.common import KIND_CLASSIFIER, KIND_PARSER, save_ge
 from services.gateway import align
 from services.gateway import refine as gateway_refine
 from services.gateway.config import GatewayConfig
+from services.gateway.pipeline import HOLD_WEIGHT
 from services.gateway.pipeline import expression_layers, to_image, to_tensor
 from test_gateway_models import array, decoded, detectable_photo
 from test_gateway_server import ServerThread, metric_value, png_bytes, status_of
@@ -126,6 +127,21 @@ def readout_target(logit: float, change: float) -> float:
     value = 1.0 / (1.0 + math.exp(-logit))
     fraction = min(max(value + change, 0.02), 0.98)
     return math.log(fraction / (1.0 - fraction))
+
+
+def target_request(method: str, manifest, logits: np.ndarray, changes: dict[str, float], steps: int,
+                   keep: tuple[str, ...] = ()) -> torch_refine.RefineRequest:
+    """The job the gateway sends for `changes` ({attribute: change}), written out: every
+    classifier attribute targets the face's reading moved by its change (0 when not edited);
+    the edited and the kept attributes share weight 1, the others HOLD_WEIGHT; only the
+    edited attributes' regions may change."""
+    names = manifest.classifier_attributes
+    main = list(changes) + list(keep)
+    held = [name for name in names if name not in main]
+    targets = {name: readout_target(float(logits[names.index(name)]), changes.get(name, 0.0)) for name in names}
+    weights = {**{name: 1.0 / len(main) for name in main}, **{name: HOLD_WEIGHT / len(held) for name in held}}
+    regions = tuple(sorted({r for name in changes for r in manifest.edit_regions(name)}))
+    return torch_refine.RefineRequest(method, targets, weights=weights, regions=regions, steps=steps, time_budget_s=60)
 
 
 def session(model_set: Path, name: str) -> ort.InferenceSession:
@@ -312,12 +328,11 @@ def test_style_intervention_targets_the_classifier_of_the_generated_face(gateway
         edits=[pb.AttributeEdit(name="smile", strength=0.3)], optimization=pb.OptimizationOptions(steps=3)), timeout=60)
     (face,) = r.faces
     np.testing.assert_array_equal(array(face.edited_latent), w)      # the change is all in S
-    # the same job by hand: G(w) through the served synthesis, the served classifier's logit,
-    # the target moved by +0.3 in attribute units, then the Refiner itself
+    # the same job by hand: G(w) through the served synthesis, the served classifier's logits,
+    # smile's target moved by +0.3 in attribute units, the others held, then the Refiner itself
     generated = generated_image(model_set, manifest, w)
     logits = classifier_logits(model_set, manifest, generated)
-    targets = {"smile": readout_target(float(logits[0]), 0.3)}
-    result = refiner.run(torch_refine.RefineRequest("STYLE_INTERVENTION", targets, steps=3, time_budget_s=60),
+    result = refiner.run(target_request("STYLE_INTERVENTION", manifest, logits, {"smile": 0.3}, steps=3),
                          torch.from_numpy(w[None]), None)
     assert result.steps_done == 3
     expected = result.style_delta[0].numpy()
@@ -326,8 +341,8 @@ def test_style_intervention_targets_the_classifier_of_the_generated_face(gateway
 
 
 def test_keep_holds_the_other_attributes_at_the_faces_reading(gateway, manifest, model_set, refiner):
-    # STYLE_INTERVENTION / MASKED_OPTIMIZATION: a kept attribute joins the classifier's target
-    # vector at its own reading (change 0), as MaskFaceGAN's multi-attribute target does
+    # STYLE_INTERVENTION / MASKED_OPTIMIZATION: a kept attribute is held at its own reading
+    # (change 0) with the weight of an edited one, instead of HOLD_WEIGHT; its region stays shut
     w = random_wplus(manifest, 4)
     keep_steps = 12
     r = gateway.stub.Edit(pb.EditRequest(
@@ -335,16 +350,14 @@ def test_keep_holds_the_other_attributes_at_the_faces_reading(gateway, manifest,
         edits=[pb.AttributeEdit(name="smile", strength=0.3)],
         optimization=pb.OptimizationOptions(steps=keep_steps)), timeout=60)
     (face,) = r.faces
-    generated = generated_image(model_set, manifest, w)
-    logits = classifier_logits(model_set, manifest, generated)
-    targets = {"smile": readout_target(float(logits[0]), 0.3), "age": readout_target(float(logits[1]), 0.0),
-               "eyeglasses": readout_target(float(logits[2]), 0.0)}
-    kept = refiner.run(torch_refine.RefineRequest("STYLE_INTERVENTION", targets, steps=keep_steps, time_budget_s=60),
+    logits = classifier_logits(model_set, manifest, generated_image(model_set, manifest, w))
+    kept = target_request("STYLE_INTERVENTION", manifest, logits, {"smile": 0.3}, keep_steps, keep=("age", "eyeglasses"))
+    assert set(kept.regions) == set(manifest.edit_regions("smile"))
+    kept_delta = refiner.run(kept, torch.from_numpy(w[None]), None).style_delta[0].numpy()
+    held = refiner.run(target_request("STYLE_INTERVENTION", manifest, logits, {"smile": 0.3}, keep_steps),
                        torch.from_numpy(w[None]), None).style_delta[0].numpy()
-    alone = refiner.run(torch_refine.RefineRequest("STYLE_INTERVENTION", {"smile": targets["smile"]}, steps=keep_steps,
-                                                   time_budget_s=60), torch.from_numpy(w[None]), None).style_delta[0].numpy()
-    np.testing.assert_allclose(array(face.style_delta), kept, atol=1e-5)
-    assert np.abs(kept - alone).max() > 1e-5          # the kept targets changed the optimization
+    np.testing.assert_allclose(array(face.style_delta), kept_delta, atol=1e-5)
+    assert np.abs(kept_delta - held).max() > 1e-5          # the kept weights changed the optimization
 
 
 @pytest.mark.parametrize("method", ["STYLE_INTERVENTION", "MASKED_OPTIMIZATION"])
@@ -382,8 +395,7 @@ def test_optimization_and_masked_optimization_of_a_photo(gateway, photo, manifes
                                          edits=[pb.AttributeEdit(name="eyeglasses", strength=-0.4)]), timeout=60)
     (face,) = r.faces
     logits = classifier_logits(model_set, manifest, crop)
-    targets = {"eyeglasses": readout_target(float(logits[2]), -0.4)}
-    expected = refiner.run(torch_refine.RefineRequest("MASKED_OPTIMIZATION", targets, steps=STEPS, time_budget_s=60),
+    expected = refiner.run(target_request("MASKED_OPTIMIZATION", manifest, logits, {"eyeglasses": -0.4}, STEPS),
                            torch.from_numpy(array(face.latent)[None].copy()), image).wplus[0].numpy()
     np.testing.assert_allclose(array(face.edited_latent), expected, atol=1e-4)
     assert np.abs(expected - array(face.latent)).max() > 1e-4
@@ -570,7 +582,7 @@ def test_repository_has_the_refine_model(small_set, manifest, tmp_path, flavor, 
     assert config.name == "refine" and config.backend == "python" and config.max_batch_size == 0
     (group,) = config.instance_group
     assert mc.ModelInstanceGroup.Kind.Name(group.kind) == kind and group.count == 1
-    types = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32"}
+    types = {"BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32"}
     assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [
         (name, types[dtype], shape) for name, (dtype, shape) in torch_refine.REFINE_INPUTS.items()]
     assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == [

@@ -59,11 +59,13 @@ class Optimization(Protocol):
 
 @dataclass(frozen=True)
 class Targets:
-    """Target values of some classifier outputs: indices into the classifier's logits and the
-    value each should reach (in the classifier's output units)."""
+    """Target values of some classifier outputs: indices into the classifier's logits, the
+    value each should reach (in the classifier's output units) and the weight of each term
+    of attribute_loss (None: 1/n each, the mean)."""
 
     indices: tuple[int, ...]
     values: tuple[float, ...]
+    weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if len(self.indices) == 0:
@@ -75,24 +77,36 @@ class Targets:
         for value in self.values:
             if not math.isfinite(value):
                 raise ValueError(f"targets: every value must be finite, got {list(self.values)}")
+        if self.weights is None:
+            object.__setattr__(self, "weights", (1.0 / len(self.indices),) * len(self.indices))
+        if len(self.weights) != len(self.indices):
+            raise ValueError(f"targets: {len(self.indices)} indices but {len(self.weights)} weights")
+        if not all(math.isfinite(w) and w >= 0 for w in self.weights) or not any(w > 0 for w in self.weights):
+            raise ValueError(f"targets: weights must be finite, >= 0 and not all 0, got {list(self.weights)}")
 
 
-def targets_for(classifier: AttributeClassifier, targets: Mapping[str, float]) -> Targets:
-    """{attribute name: target value} -> Targets for this classifier (names checked)."""
+def targets_for(classifier: AttributeClassifier, targets: Mapping[str, float],
+                weights: Mapping[str, float] | None = None) -> Targets:
+    """{attribute name: target value} (and optionally {name: weight}, every target named)
+    -> Targets for this classifier (names checked)."""
     names = classifier.config.attributes
     unknown = [name for name in targets if name not in names]
     if unknown:
         raise ValueError(f"targets: {unknown} are not attributes of the classifier; known: {list(names)}")
-    return Targets(tuple(names.index(n) for n in targets), tuple(float(v) for v in targets.values()))
+    if weights is not None and set(weights) != set(targets):
+        raise ValueError(f"weights: must name exactly the targets {sorted(targets)}, got {sorted(weights)}")
+    return Targets(tuple(names.index(n) for n in targets), tuple(float(v) for v in targets.values()),
+                   None if weights is None else tuple(float(weights[n]) for n in targets))
 
 
 def attribute_loss(classifier: AttributeClassifier, image: torch.Tensor, targets: Targets) -> torch.Tensor:
-    """Mean squared distance of the targeted logits from their targets, per sample [N]. The
-    image is resized to the classifier's input size K."""
+    """Weighted sum of the squared distances of the targeted logits from their targets (the
+    mean by default), per sample [N]. The image is resized to the classifier's input size K."""
     logits = classifier(resize(image, classifier.config.resolution))
     index = torch.tensor(targets.indices, device=logits.device)
     goal = torch.tensor(targets.values, dtype=logits.dtype, device=logits.device)
-    return (logits.index_select(1, index) - goal).pow(2).mean(dim=1)
+    weight = torch.tensor(targets.weights, dtype=logits.dtype, device=logits.device)
+    return ((logits.index_select(1, index) - goal).pow(2) * weight).sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------

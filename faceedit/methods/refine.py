@@ -66,11 +66,17 @@ Progress = Callable[[int, int, float], None]
 @dataclass(frozen=True)
 class RefineRequest:
     """One optimization job. `targets` maps attribute names to target classifier outputs (a
-    dict is accepted and stored as sorted pairs); `hyper` overrides the method's default
-    hyper-parameters (its type must be the method's config)."""
+    dict is accepted and stored as sorted pairs); `weights` optionally gives every target
+    its weight in the attribute loss (default: 1/n each, the mean); `regions` names the parser
+    classes the masked methods may change (default: the regions of every target attribute:
+    name them when some targets only hold an attribute at the face's reading, which must not
+    widen the region); `hyper` overrides the method's default hyper-parameters (its type
+    must be the method's config)."""
 
     method: str
     targets: tuple[tuple[str, float], ...] = ()
+    weights: tuple[tuple[str, float], ...] = ()
+    regions: tuple[str, ...] = ()
     steps: int = 200
     time_budget_s: float = 30.0
     hyper: Hyper | None = None
@@ -94,6 +100,23 @@ class RefineRequest:
                 raise ValueError("RefineRequest.targets: attribute names must be non-empty")
             if not math.isfinite(value):
                 raise ValueError(f"RefineRequest.targets[{name!r}]: must be finite, got {value}")
+        weights = self.weights.items() if isinstance(self.weights, Mapping) else self.weights
+        try:
+            weights = tuple(sorted((str(name), float(value)) for name, value in weights))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"RefineRequest.weights: must map attribute names to numbers, got {self.weights!r}") from exc
+        object.__setattr__(self, "weights", weights)
+        if weights and [name for name, _ in weights] != names:
+            raise ValueError(f"RefineRequest.weights: must name exactly the targets {names}, got "
+                             f"{[name for name, _ in weights]}")
+        if weights and not (all(math.isfinite(w) and w >= 0 for _, w in weights) and any(w > 0 for _, w in weights)):
+            raise ValueError(f"RefineRequest.weights: must be finite, >= 0 and not all 0, got {dict(weights)}")
+        regions = (self.regions,) if isinstance(self.regions, str) else tuple(self.regions)
+        if not all(isinstance(r, str) and r for r in regions) or len(set(regions)) != len(regions):
+            raise ValueError(f"RefineRequest.regions: must be distinct parser class names, got {self.regions!r}")
+        object.__setattr__(self, "regions", tuple(sorted(regions)))
+        if self.method == "OPTIMIZATION" and regions:
+            raise ValueError(f"RefineRequest.regions: OPTIMIZATION (embedding) changes the whole image, got {regions}")
         if self.method == "OPTIMIZATION" and pairs:
             raise ValueError(f"RefineRequest.targets: OPTIMIZATION (embedding) takes no target attributes, got {names}")
         if self.method != "OPTIMIZATION" and not pairs:
@@ -217,8 +240,9 @@ class Refiner:
             check_image(image, cfg.size, image.shape[0] if wplus is None else wplus.shape[0], "image")
         if method == "OPTIMIZATION":
             return Image2StyleGANEmbedding(m.generator, m.perceptual, image, wplus, request.config)
-        targets = targets_for(m.classifier, dict(request.targets))
-        classes = region_classes(m.parser_classes, m.regions_of([name for name, _ in request.targets]))
+        targets = targets_for(m.classifier, dict(request.targets), dict(request.weights) if request.weights else None)
+        classes = region_classes(m.parser_classes,
+                                 request.regions or m.regions_of([name for name, _ in request.targets]))
         if method == "STYLE_INTERVENTION":
             return StyleIntervention(m.generator, m.classifier, m.parser, wplus, targets, classes, request.config)
         return MaskFaceGAN(m.generator, m.classifier, m.parser, m.perceptual, wplus, image, targets, classes,
@@ -268,6 +292,8 @@ REFINE_INPUTS = {
     "wplus": ("FP32", [1, -1, -1]),           # [1, L, D]
     "image": ("FP32", [1, 3, -1, -1]),        # [1, 3, R, R] in [-1, 1], the aligned face
     "targets": ("FP32", [1, -1]),             # [1, A] classifier order; NaN = no target
+    "weights": ("FP32", [1, -1]),             # [1, A] each target's weight in the attribute loss
+    "regions": ("BOOL", [1, -1]),             # [1, C] parser classes the masked methods may change
     "steps": ("INT32", [1]),
     "time_budget_s": ("FP32", [1]),
 }
@@ -375,19 +401,32 @@ def _scalar(arrays: Mapping[str, np.ndarray], name: str, dtype) -> np.generic:
     return arr.reshape(())[()]
 
 
-def request_from_arrays(arrays: Mapping[str, np.ndarray], attributes: tuple[str, ...]) -> RefineRequest:
-    """The RefineRequest of one Triton request's inputs (see REFINE_INPUTS)."""
+def request_from_arrays(arrays: Mapping[str, np.ndarray], attributes: tuple[str, ...],
+                        parser_classes: tuple[str, ...]) -> RefineRequest:
+    """The RefineRequest of one Triton request's inputs (see REFINE_INPUTS): `weights` counts
+    where `targets` is not NaN; `regions` with no class set means the targets' regions."""
     missing = [name for name in REFINE_INPUTS if name not in arrays]
     if missing:
         raise ValueError(f"inputs {missing} are missing; `refine` takes {list(REFINE_INPUTS)}")
     raw = _scalar(arrays, "method", None)
     method = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-    targets = np.asarray(arrays["targets"])
-    if targets.dtype != np.float32 or targets.shape != (1, len(attributes)):
-        raise ValueError(f"input 'targets': must be float32 [1, {len(attributes)}] (one per attribute: "
-                         f"{list(attributes)}; NaN = no target), got {targets.dtype} {list(targets.shape)}")
-    chosen = {name: float(v) for name, v in zip(attributes, targets[0]) if not np.isnan(v)}
-    return RefineRequest(method=method, targets=chosen, steps=int(_scalar(arrays, "steps", np.int32)),
+    per_attribute = {}
+    for name in ("targets", "weights"):
+        arr = np.asarray(arrays[name])
+        if arr.dtype != np.float32 or arr.shape != (1, len(attributes)):
+            raise ValueError(f"input {name!r}: must be float32 [1, {len(attributes)}] (one per attribute: "
+                             f"{list(attributes)}), got {arr.dtype} {list(arr.shape)}")
+        per_attribute[name] = arr[0]
+    chosen = {name: float(v) for name, v in zip(attributes, per_attribute["targets"]) if not np.isnan(v)}
+    weights = {name: float(w) for name, w, v in zip(attributes, per_attribute["weights"], per_attribute["targets"])
+               if not np.isnan(v)}
+    regions = np.asarray(arrays["regions"])
+    if regions.dtype != np.bool_ or regions.shape != (1, len(parser_classes)):
+        raise ValueError(f"input 'regions': must be bool [1, {len(parser_classes)}] (one per parser class: "
+                         f"{list(parser_classes)}), got {regions.dtype} {list(regions.shape)}")
+    return RefineRequest(method=method, targets=chosen, weights=weights,
+                         regions=tuple(c for c, on in zip(parser_classes, regions[0]) if on),
+                         steps=int(_scalar(arrays, "steps", np.int32)),
                          time_budget_s=float(_scalar(arrays, "time_budget_s", np.float32)))
 
 
@@ -395,7 +434,7 @@ def refine_arrays(refiner: Refiner, arrays: Mapping[str, np.ndarray], progress: 
                   cancelled: threading.Event | None = None) -> dict[str, np.ndarray]:
     """One Triton request: numpy inputs (REFINE_INPUTS) -> numpy outputs (REFINE_OUTPUTS).
     ValueError (naming the input) when an input is unusable."""
-    request = request_from_arrays(arrays, refiner.models.classifier.config.attributes)
+    request = request_from_arrays(arrays, refiner.models.classifier.config.attributes, refiner.models.parser_classes)
     tensors = {}
     for name in ("wplus", "image"):
         arr = np.asarray(arrays[name])

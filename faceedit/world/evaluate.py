@@ -87,9 +87,11 @@ _METHOD_NOTES: dict[str, str] = {
                     "budget below, anew for every request as the service does), then the InterFaceGAN edit of the "
                     "attribute",
     "style_intervention": "Style Intervention (STYLE_INTERVENTION, the step budget below), target = the requested "
-                          "change; attributes without a parser region do not apply",
+                          "change, the other attributes held at the face's reading as the gateway does by default "
+                          "(no keep); attributes without a parser region do not apply",
     "masked_optimization": "MaskFaceGAN (MASKED_OPTIMIZATION, the step budget below), target = the requested "
-                           "change; attributes without a parser region do not apply",
+                           "change, the other attributes held at the face's reading as the gateway does by default "
+                           "(no keep); attributes without a parser region do not apply",
 }
 
 

@@ -56,6 +56,8 @@ REFINE_INPUTS = {
     "wplus": ("FP32", [1, -1, -1]),
     "image": ("FP32", [1, 3, -1, -1]),
     "targets": ("FP32", [1, -1]),
+    "weights": ("FP32", [1, -1]),
+    "regions": ("BOOL", [1, -1]),
     "steps": ("INT32", [1]),
     "time_budget_s": ("FP32", [1]),
 }
@@ -99,6 +101,8 @@ class RefineJob:
     wplus: np.ndarray          # [L, D] the start code (the encoder's inversion)
     image: np.ndarray          # [3, R, R] in [-1, 1]: the aligned face (its reference)
     targets: np.ndarray        # [A] target classifier logits, classifier order; NaN = none
+    weights: np.ndarray        # [A] each target's weight in the attribute loss
+    regions: np.ndarray        # bool [C]: the parser classes the method may change (none: the targets')
     steps: int
     time_budget_s: float
 
@@ -108,6 +112,8 @@ class RefineJob:
             "wplus": np.ascontiguousarray(self.wplus[None], dtype=np.float32),
             "image": np.ascontiguousarray(self.image[None], dtype=np.float32),
             "targets": np.ascontiguousarray(self.targets[None], dtype=np.float32),
+            "weights": np.ascontiguousarray(self.weights[None], dtype=np.float32),
+            "regions": np.ascontiguousarray(self.regions[None], dtype=np.bool_),
             "steps": np.array([self.steps], dtype=np.int32),
             "time_budget_s": np.array([self.time_budget_s], dtype=np.float32),
         }
