@@ -8,6 +8,7 @@ built once, for the refine model folder (checkpoint loading and its perceptual f
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -398,6 +399,34 @@ def test_named_regions_confine_maskfacegan_to_them(refiner, models):
     assert torch.equal(result.image[outside], photo[outside])
 
 
+def test_maskfacegan_with_content_runs_through_the_fused_synthesis(models):
+    # the two-branch generator: the optimization sees (and returns) the content-fused image
+    torch.manual_seed(3)
+    g = Generator(dataclasses.replace(G_CFG, content_res=8, content_channels=4))
+    nn.init.normal_(g.synthesis.fusion.conv.weight, std=0.3)    # zero-initialised: give it an effect
+    refiner = Refiner(dataclasses.replace(models, generator=g))
+    w, photo = _wplus(g, 1, 28), g.synthesis(_wplus(g, 1, 29)).detach()
+    content = torch.randn(1, 4, 8, 8)
+    request = RefineRequest("MASKED_OPTIMIZATION", {"smile": float(_smile_logit(models, photo)) + 3.0},
+                            fusion_weight=0.5, steps=2, time_budget_s=60.0)
+    job = refiner.start(request, w, photo, content)
+    with torch.no_grad():
+        fused = g.synthesis(w, None, None, content, torch.full((1, 1), 0.5))
+        torch.testing.assert_close(job._synthesize(w, None), fused)
+        assert float((fused - g.synthesis(w)).abs().amax()) > 1e-3
+    result = refiner.run(request, w, photo, content=content)
+    with torch.no_grad():
+        edited = g.synthesis(result.wplus, None, None, content, torch.full((1, 1), 0.5))
+    mask = job.blend_mask(edited)
+    torch.testing.assert_close(result.image, mask * edited + (1 - mask) * photo)
+    with pytest.raises(ValueError, match="content: needed exactly when fusion_weight > 0"):
+        refiner.run(request, w, photo)
+    with pytest.raises(ValueError, match="content: dim 1 must be 4"):
+        refiner.run(request, w, photo, content=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="only MASKED_OPTIMIZATION runs through the content branch"):
+        RefineRequest("STYLE_INTERVENTION", {"smile": 1.0}, fusion_weight=0.5)
+
+
 def test_runner_rejects_inputs_that_do_not_fit(refiner, models):
     w = _wplus(models.generator, 1, 24)
     with pytest.raises(ValueError, match="not attributes of the classifier"):
@@ -434,7 +463,9 @@ def test_refine_model_folder_and_tensor_interface(tmp_path):
     arrays = {"method": np.array([b"STYLE_INTERVENTION"], dtype=np.object_), "wplus": w,
               "image": np.zeros((1, 3, 32, 32), np.float32),
               "targets": np.array([[2.0, np.nan]], np.float32), "weights": np.array([[1.0, 0.0]], np.float32),
-              "regions": np.zeros((1, len(CELEBAMASK_HQ_CLASSES)), np.bool_), "steps": np.array([2], np.int32),
+              "regions": np.zeros((1, len(CELEBAMASK_HQ_CLASSES)), np.bool_),
+              "content": np.zeros((1, 1, 1, 1), np.float32), "fusion_weight": np.array([0.0], np.float32),
+              "steps": np.array([2], np.int32),
               "time_budget_s": np.array([30.0], np.float32)}
     out = refine_arrays(refiner, arrays)
     assert set(out) == set(REFINE_OUTPUTS)
@@ -451,6 +482,10 @@ def test_refine_model_folder_and_tensor_interface(tmp_path):
         refine_arrays(refiner, {**arrays, "regions": np.zeros((1, 19), np.float32)})
     with pytest.raises(ValueError, match="weights: must be finite, >= 0 and not all 0"):
         refine_arrays(refiner, {**arrays, "weights": np.array([[0.0, 1.0]], np.float32)})
+    with pytest.raises(ValueError, match=r"'fusion_weight': must be in \[0, 1\]"):
+        refine_arrays(refiner, {**arrays, "fusion_weight": np.array([1.5], np.float32)})
+    with pytest.raises(ValueError, match="only MASKED_OPTIMIZATION runs through the content branch"):
+        refine_arrays(refiner, {**arrays, "fusion_weight": np.array([0.5], np.float32)})
     with pytest.raises(ValueError, match="'steps': must be int32"):
         refine_arrays(refiner, {**arrays, "steps": np.array([2], np.int64)})
     with pytest.raises(ValueError, match=r"steps: must be an integer in \[1, 2000\]"):

@@ -130,7 +130,7 @@ def readout_target(logit: float, change: float) -> float:
 
 
 def target_request(method: str, manifest, logits: np.ndarray, changes: dict[str, float], steps: int,
-                   keep: tuple[str, ...] = ()) -> torch_refine.RefineRequest:
+                   keep: tuple[str, ...] = (), fusion_weight: float = 0.0) -> torch_refine.RefineRequest:
     """The job the gateway sends for `changes` ({attribute: change}), written out: every
     classifier attribute targets the face's reading moved by its change (0 when not edited);
     the edited and the kept attributes share weight 1, the others HOLD_WEIGHT; only the
@@ -141,7 +141,8 @@ def target_request(method: str, manifest, logits: np.ndarray, changes: dict[str,
     targets = {name: readout_target(float(logits[names.index(name)]), changes.get(name, 0.0)) for name in names}
     weights = {**{name: 1.0 / len(main) for name in main}, **{name: HOLD_WEIGHT / len(held) for name in held}}
     regions = tuple(sorted({r for name in changes for r in manifest.edit_regions(name)}))
-    return torch_refine.RefineRequest(method, targets, weights=weights, regions=regions, steps=steps, time_budget_s=60)
+    return torch_refine.RefineRequest(method, targets, weights=weights, regions=regions, steps=steps, time_budget_s=60,
+                                      fusion_weight=fusion_weight)
 
 
 def session(model_set: Path, name: str) -> ort.InferenceSession:
@@ -399,6 +400,19 @@ def test_optimization_and_masked_optimization_of_a_photo(gateway, photo, manifes
                            torch.from_numpy(array(face.latent)[None].copy()), image).wplus[0].numpy()
     np.testing.assert_allclose(array(face.edited_latent), expected, atol=1e-4)
     assert np.abs(expected - array(face.latent)).max() > 1e-4
+
+    # with content fusion the optimization runs through the content-fused synthesis, with the
+    # served content encoder's features of the face
+    r = gateway.stub.Edit(pb.EditRequest(image=png_bytes(photo), method=pb.EDIT_METHOD_MASKED_OPTIMIZATION,
+                                         edits=[pb.AttributeEdit(name="eyeglasses", strength=-0.4)],
+                                         fusion=pb.Fusion(enabled=True, weight=0.5)), timeout=60)
+    content = session(model_set, "content_encoder").run(None, {"image": image.numpy()})[0]
+    fused = refiner.run(target_request("MASKED_OPTIMIZATION", manifest, logits, {"eyeglasses": -0.4}, STEPS,
+                                       fusion_weight=0.5),
+                        torch.from_numpy(array(r.faces[0].latent)[None].copy()), image,
+                        content=torch.from_numpy(content)).wplus[0].numpy()
+    np.testing.assert_allclose(array(r.faces[0].edited_latent), fused, atol=1e-4)
+    assert np.abs(fused - expected).max() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ three constraints, each tied to the face parser's region M of the attribute:
   Set lambda_shape = 0 for attributes that change a region's shape or size.
 
 The latent is W+ (and optionally the noise maps: `noise_learning_rate` > 0, as in the
-paper; then the returned W+ alone no longer re-synthesizes the image exactly). The result is
+paper; then the returned W+ alone no longer re-synthesizes the image exactly). With
+`content` (the photo's content features, the two-branch generator's second input) the
+optimization runs through the content-fused synthesis at `fusion_weight`, so every term sees
+the image the service will show; without it, the plain synthesis. The result is
 blended into the photo by the union of the photo's and the edited image's regions, feathered:
 pixels outside the feathered mask are the photo's pixels exactly.
 """
@@ -76,10 +79,20 @@ class MaskFaceGAN:
 
     def __init__(self, generator: Generator, classifier: AttributeClassifier, parser: torch.nn.Module,
                  perceptual: PerceptualLoss, wplus: torch.Tensor, image: torch.Tensor, targets: Targets,
-                 classes: Sequence[int], config: MaskFaceGANConfig):
+                 classes: Sequence[int], config: MaskFaceGANConfig, content: torch.Tensor | None = None,
+                 fusion_weight: float = 0.0):
         cfg = generator.config
         assert_shape(wplus, [None, cfg.n_latent, cfg.style_dim], "wplus")
         check_image(image, cfg.size, wplus.shape[0], "image")
+        self.fusion = None
+        if content is not None:
+            if not cfg.content_res:
+                raise ValueError("content: this generator has no content branch (config.content_res = 0)")
+            if not 0 < fusion_weight <= 1:
+                raise ValueError(f"fusion_weight: must be in (0, 1] with content, got {fusion_weight}")
+            assert_shape(content, [wplus.shape[0], cfg.content_channels, cfg.content_res, cfg.content_res], "content")
+            self.fusion = (content.detach(), torch.full((wplus.shape[0], 1), float(fusion_weight),
+                                                        dtype=content.dtype, device=content.device))
         self.generator, self.classifier, self.parser = generator, classifier, parser
         self.perceptual, self.targets, self.config = perceptual, targets, config
         self.classes = tuple(classes)
@@ -129,7 +142,9 @@ class MaskFaceGAN:
         return terms
 
     def _synthesize(self, wplus: torch.Tensor, noise) -> torch.Tensor:
-        return self.generator.synthesis(wplus, None, noise)
+        if self.fusion is None:
+            return self.generator.synthesis(wplus, None, noise)
+        return self.generator.synthesis(wplus, None, noise, *self.fusion)
 
     def step(self) -> float:
         image = self._synthesize(self.wplus, self.noise)

@@ -67,7 +67,9 @@ Progress = Callable[[int, int, float], None]
 class RefineRequest:
     """One optimization job. `targets` maps attribute names to target classifier outputs (a
     dict is accepted and stored as sorted pairs); `weights` optionally gives every target
-    its weight in the attribute loss (default: 1/n each, the mean); `regions` names the parser
+    its weight in the attribute loss (default: 1/n each, the mean); `fusion_weight` > 0 runs
+    MASKED_OPTIMIZATION through the two-branch synthesis with the photo's content features
+    (Refiner.run's `content`) at that weight; `regions` names the parser
     classes the masked methods may change (default: the regions of every target attribute:
     name them when some targets only hold an attribute at the face's reading, which must not
     widen the region); `hyper` overrides the method's default hyper-parameters (its type
@@ -77,6 +79,7 @@ class RefineRequest:
     targets: tuple[tuple[str, float], ...] = ()
     weights: tuple[tuple[str, float], ...] = ()
     regions: tuple[str, ...] = ()
+    fusion_weight: float = 0.0   # MASKED_OPTIMIZATION through the content-fused synthesis (run's `content`)
     steps: int = 200
     time_budget_s: float = 30.0
     hyper: Hyper | None = None
@@ -117,6 +120,12 @@ class RefineRequest:
         object.__setattr__(self, "regions", tuple(sorted(regions)))
         if self.method == "OPTIMIZATION" and regions:
             raise ValueError(f"RefineRequest.regions: OPTIMIZATION (embedding) changes the whole image, got {regions}")
+        if isinstance(self.fusion_weight, bool) or not isinstance(self.fusion_weight, (int, float, np.floating)) \
+                or not 0 <= self.fusion_weight <= 1:
+            raise ValueError(f"RefineRequest.fusion_weight: must be a number in [0, 1], got {self.fusion_weight!r}")
+        if self.fusion_weight and self.method != "MASKED_OPTIMIZATION":
+            raise ValueError(f"RefineRequest.fusion_weight: only MASKED_OPTIMIZATION runs through the content branch, "
+                             f"got {self.method} with {self.fusion_weight}")
         if self.method == "OPTIMIZATION" and pairs:
             raise ValueError(f"RefineRequest.targets: OPTIMIZATION (embedding) takes no target attributes, got {names}")
         if self.method != "OPTIMIZATION" and not pairs:
@@ -223,8 +232,10 @@ class Refiner:
         # clone: a caller's inference-mode tensor cannot enter autograd; ours is a plain copy
         return value.detach().to(self.device, torch.float32).clone()
 
-    def start(self, request: RefineRequest, wplus: torch.Tensor | None, image: torch.Tensor | None) -> Optimization:
-        """Build the method's optimization for these inputs (validates them)."""
+    def start(self, request: RefineRequest, wplus: torch.Tensor | None, image: torch.Tensor | None,
+              content: torch.Tensor | None = None) -> Optimization:
+        """Build the method's optimization for these inputs (validates them); `content` is
+        needed exactly when request.fusion_weight > 0."""
         m = self.models
         cfg = m.generator.config
         method = request.method
@@ -238,6 +249,9 @@ class Refiner:
                 raise ValueError("wplus: has non-finite values (NaN/inf)")
         if image is not None and method != "STYLE_INTERVENTION":
             check_image(image, cfg.size, image.shape[0] if wplus is None else wplus.shape[0], "image")
+        if (content is not None) != (request.fusion_weight > 0):
+            raise ValueError(f"content: needed exactly when fusion_weight > 0 (fusion_weight {request.fusion_weight}, "
+                             f"content {'given' if content is not None else 'none'})")
         if method == "OPTIMIZATION":
             return Image2StyleGANEmbedding(m.generator, m.perceptual, image, wplus, request.config)
         targets = targets_for(m.classifier, dict(request.targets), dict(request.weights) if request.weights else None)
@@ -246,15 +260,16 @@ class Refiner:
         if method == "STYLE_INTERVENTION":
             return StyleIntervention(m.generator, m.classifier, m.parser, wplus, targets, classes, request.config)
         return MaskFaceGAN(m.generator, m.classifier, m.parser, m.perceptual, wplus, image, targets, classes,
-                           request.config)
+                           request.config, content, request.fusion_weight)
 
     def run(self, request: RefineRequest, wplus: torch.Tensor | None, image: torch.Tensor | None,
-            progress: Progress | None = None, cancelled: threading.Event | None = None) -> RefineResult:
+            progress: Progress | None = None, cancelled: threading.Event | None = None,
+            content: torch.Tensor | None = None) -> RefineResult:
         began = time.monotonic()
         deadline = began + float(request.time_budget_s)
         # autograd on even if the caller runs under no_grad / inference_mode (Triton, services)
         with torch.inference_mode(False), torch.enable_grad():
-            job = self.start(request, self._tensor(wplus), self._tensor(image))
+            job = self.start(request, self._tensor(wplus), self._tensor(image), self._tensor(content))
             plateau = _Plateau(request.tolerance, request.patience)
             steps_done, reason, loss = 0, "steps", math.nan
             while steps_done < request.steps:
@@ -294,6 +309,8 @@ REFINE_INPUTS = {
     "targets": ("FP32", [1, -1]),             # [1, A] classifier order; NaN = no target
     "weights": ("FP32", [1, -1]),             # [1, A] each target's weight in the attribute loss
     "regions": ("BOOL", [1, -1]),             # [1, C] parser classes the masked methods may change
+    "content": ("FP32", [1, -1, -1, -1]),     # [1, C, r, r] the photo's content features (any when weight 0)
+    "fusion_weight": ("FP32", [1]),           # > 0: MASKED_OPTIMIZATION through the content branch
     "steps": ("INT32", [1]),
     "time_budget_s": ("FP32", [1]),
 }
@@ -424,7 +441,10 @@ def request_from_arrays(arrays: Mapping[str, np.ndarray], attributes: tuple[str,
     if regions.dtype != np.bool_ or regions.shape != (1, len(parser_classes)):
         raise ValueError(f"input 'regions': must be bool [1, {len(parser_classes)}] (one per parser class: "
                          f"{list(parser_classes)}), got {regions.dtype} {list(regions.shape)}")
-    return RefineRequest(method=method, targets=chosen, weights=weights,
+    fusion_weight = float(_scalar(arrays, "fusion_weight", np.float32))
+    if not 0 <= fusion_weight <= 1:   # NaN included
+        raise ValueError(f"input 'fusion_weight': must be in [0, 1], got {fusion_weight}")
+    return RefineRequest(method=method, targets=chosen, weights=weights, fusion_weight=fusion_weight,
                          regions=tuple(c for c, on in zip(parser_classes, regions[0]) if on),
                          steps=int(_scalar(arrays, "steps", np.int32)),
                          time_budget_s=float(_scalar(arrays, "time_budget_s", np.float32)))
@@ -442,7 +462,13 @@ def refine_arrays(refiner: Refiner, arrays: Mapping[str, np.ndarray], progress: 
             raise ValueError(f"input {name!r}: must be float32 with batch 1, got {arr.dtype} {list(arr.shape)}")
         tensors[name] = torch.from_numpy(np.ascontiguousarray(arr))
     image = None if request.method == "STYLE_INTERVENTION" else tensors["image"]
-    result = refiner.run(request, tensors["wplus"], image, progress, cancelled)
+    content = None
+    if request.fusion_weight > 0:
+        arr = np.asarray(arrays["content"])
+        if arr.dtype != np.float32 or arr.ndim != 4 or arr.shape[0] != 1:
+            raise ValueError(f"input 'content': must be float32 [1, C, r, r], got {arr.dtype} {list(arr.shape)}")
+        content = torch.from_numpy(np.ascontiguousarray(arr))
+    result = refiner.run(request, tensors["wplus"], image, progress, cancelled, content)
     return {
         "wplus_refined": result.wplus.cpu().numpy().astype(np.float32),
         "style_delta": result.style_delta.cpu().numpy().astype(np.float32),

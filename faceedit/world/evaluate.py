@@ -66,6 +66,9 @@ BASE_METHODS: tuple[str, ...] = ("direction", "direction_conditional", "ganspace
 FUSED_SUFFIX = "_fused"
 VARIANTS: tuple[str, ...] = tuple(v for base in BASE_METHODS for v in (base, base + FUSED_SUFFIX))
 OPTIMIZATION_METHODS = ("optimization", "style_intervention", "masked_optimization")
+# methods whose edit itself runs through the content branch when the request fuses (the
+# others edit the code alone; their fused variant only synthesizes it with the content)
+FUSION_AWARE_METHODS = ("masked_optimization",)
 
 _METHOD_NOTES: dict[str, str] = {
     "direction": "InterFaceGAN (DIRECTION): the attribute's boundary normal, strength = the requested change in "
@@ -499,11 +502,14 @@ class Evaluation:
         """The gateway's validated plan of a request (InvalidArgument if it refuses it)."""
         return self.pipeline.methods[request.method].plan(self.pipeline, request)
 
-    def request(self, base: str, task: EditTask, image: np.ndarray, tables: dict):
-        """The EditRequest a client would send for this edit."""
+    def request(self, base: str, task: EditTask, image: np.ndarray, tables: dict, fused: bool = False):
+        """The EditRequest a client would send for this edit (`fused`: with content fusion,
+        which only methods in FUSION_AWARE_METHODS read before the synthesize stage)."""
         pb = self.pb
         method = self.method_of(base)
         request = pb.EditRequest(method=method, image=png_bytes(image))
+        if fused:
+            request.fusion.CopyFrom(pb.Fusion(enabled=True, weight=self.edit_fusion_weight))
         if base in ("ganspace", "sefa"):
             from services.gateway.pipeline import UNSUPERVISED_RANGE
 
@@ -521,12 +527,13 @@ class Evaluation:
                 steps=self.config.optimization_steps, time_budget_s=self.manifest.refine.max_time_budget_s))
         return request
 
-    async def produce(self, base: str, task: EditTask, wplus: np.ndarray, image: np.ndarray, tables: dict) -> Produced:
+    async def produce(self, base: str, task: EditTask, wplus: np.ndarray, image: np.ndarray, tables: dict,
+                      fused: bool = False) -> Produced:
         """Plan and apply one edit of one face code wplus [1, L, D] (image: its aligned crop)."""
         from services.gateway.errors import InvalidArgument
         from services.gateway.refine import RefineRejected
 
-        request = self.request(base, task, image, tables)
+        request = self.request(base, task, image, tables, fused)
         start = time.perf_counter()
         try:
             plan = self.plan(request)
@@ -560,7 +567,8 @@ class Evaluation:
 
     async def run_base(self, base: str, variants: Sequence[str], tasks: Sequence[EditTask], faces: Faces,
                        wplus: np.ndarray, tables: dict) -> dict[str, VariantOutput]:
-        """Every task of one method; the plain and the fused variant share the edit itself."""
+        """Every task of one method; the plain and the fused variant share the edit itself,
+        except for a method that optimizes through the content branch (FUSION_AWARE_METHODS)."""
         n = len(tasks)
         limit = self.face_limit(base)
         in_scope = np.array([t.face < limit for t in tasks])
@@ -571,10 +579,15 @@ class Evaluation:
         for done, k in enumerate(todo, 1):
             task = tasks[k]
             image = faces.images[task.face]
-            produced = await self.produce(base, task, wplus[task.face:task.face + 1], image, tables)
+            edits: dict[bool, Produced] = {}    # by whether the edit itself saw the content branch
             for v in variants:
-                out, seconds = await self.finish(produced, image, wplus[task.face:task.face + 1],
-                                                 v.endswith(FUSED_SUFFIX))
+                fused = v.endswith(FUSED_SUFFIX)
+                through_content = fused and base in FUSION_AWARE_METHODS
+                if through_content not in edits:
+                    edits[through_content] = await self.produce(base, task, wplus[task.face:task.face + 1], image,
+                                                                tables, through_content)
+                produced = edits[through_content]
+                out, seconds = await self.finish(produced, image, wplus[task.face:task.face + 1], fused)
                 o = outputs[v]
                 o.images[k], o.applicable[k], o.failed[k] = out, True, produced.failed
                 o.seconds[k] = produced.seconds + seconds
@@ -968,7 +981,9 @@ def markdown_report(result: dict) -> str:
         "in the inversion table), including synthesis, the content branch when fused and the gateway's fuse stage; "
         "CPU figures of a 64 px model set, indicative only.",
         f"- `_fused` rows synthesize with the content branch at the gateway's default fusion weight "
-        f"{settings['edit_fusion_weight']:g}; the other rows without it. Every output of a photo edit then goes "
+        f"{settings['edit_fusion_weight']:g} (the request asks for fusion; `masked_optimization_fused` then also "
+        "optimizes through the content-fused synthesis, the other methods edit the code alone); the other rows "
+        "without it. Every output of a photo edit then goes "
         "through the gateway's fuse stage when the edited attribute has parser regions, as the service does.",
         "- n/a: edit requests the model set gives a method nothing for (no direction, StyleSpace channels or "
         "reference exemplar for the attribute; Style Intervention and MaskFaceGAN need the attribute's parser "

@@ -382,7 +382,7 @@ class Pipeline:
         spec = self._method(request.method)
         plan = spec.plan(self, request)                  # every field validated before any work
         output = self._output(request.output, "output", photo_source)
-        fusion_weight = self._fusion(request, photo_source)
+        fusion_weight = self.fusion_weight(request, photo_source)
         faces = self._face_selection(request.faces, "faces")
         base_style = self._style_offset(request)
         synthesis = "synthesis_content" if fusion_weight is not None else self._synthesis_model(request.preview)
@@ -715,10 +715,13 @@ class Pipeline:
         return out
 
     async def refine_faces(self, method: str, wplus: np.ndarray, images: list[np.ndarray], targets: np.ndarray,
-                           goal: "TargetEdits", budget: "OptimizationBudget", call: Call) -> list[RefineOutcome]:
+                           goal: "TargetEdits", budget: "OptimizationBudget", call: Call,
+                           fusion_weight: float | None = None) -> list[RefineOutcome]:
         """Run one optimization per face, one after another, within the request's deadline,
-        toward `targets` [N, A] weighted and confined as `goal` says; each step goes to
-        EditStream as progress (step, total, loss, elapsed)."""
+        toward `targets` [N, A] weighted and confined as `goal` says (with a fusion weight,
+        MASKED_OPTIMIZATION runs through the content-fused synthesis with the faces' content
+        features); each step goes to EditStream as progress (step, total, loss, elapsed)."""
+        content = None if fusion_weight is None else await self._content(images, call)
         names = self.manifest.classifier_attributes
         weights = np.array([goal.weights.get(name, 0.0) for name in names], np.float32)
         regions = np.isin(np.arange(fuse.N_CLASSES), fuse.class_indices(goal.regions))
@@ -731,7 +734,8 @@ class Pipeline:
                                        f"needs at least {MIN_OPTIMIZATION_S + OPTIMIZATION_RESERVE_S:g} s")
             job = RefineJob(method=method, wplus=wplus[i], image=to_tensor(images[i], self.manifest.resolution),
                             targets=targets[i], weights=weights, regions=regions, steps=budget.steps,
-                            time_budget_s=min(budget.time_budget_s, time_left))
+                            time_budget_s=min(budget.time_budget_s, time_left),
+                            content=None if content is None else content[i], fusion_weight=fusion_weight or 0.0)
             done_before = budget.steps * i
 
             async def report(step: int, _total: int, loss: float, offset: int = done_before) -> None:
@@ -810,7 +814,7 @@ class Pipeline:
         full = photo_source and output.region != pb.OUTPUT_REGION_ALIGNED_CROP
         return Output(fmt=FORMATS[output.format], quality=quality, full_photo=full)
 
-    def _fusion(self, request: pb.EditRequest, photo_source: bool) -> float | None:
+    def fusion_weight(self, request: pb.EditRequest, photo_source: bool) -> float | None:
         """The content-fusion weight, or None when fusion is off."""
         if not request.fusion.enabled:
             return None
@@ -1327,14 +1331,17 @@ def plan_style_intervention(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
 def plan_masked_optimization(p: "Pipeline", request: pb.EditRequest) -> EditPlan:
     """MaskFaceGAN: W+ optimized until the classifier sees each attribute moved by its
     requested change inside the attribute's parser region of the photo, the photo kept
-    outside it (a latent source's photo is its generated image)."""
+    outside it (a latent source's photo is its generated image). With content fusion it
+    optimizes through the content-fused synthesis, the image the synthesize stage shows."""
     budget, goal = _target_edits(p, request)
+    fusion_weight = p.fusion_weight(request, request.WhichOneof("source") == "image")
 
     async def apply(wplus: np.ndarray, originals: list[np.ndarray] | None, call: Call) -> tuple[np.ndarray, np.ndarray]:
         faces = await p.originals_of(wplus, originals, call)
         await p.check_regions(faces, goal.regions, "MASKED_OPTIMIZATION", call)
         targets = p.targets(await p.classifier_logits(faces, call), goal.changes)
-        outcomes = await p.refine_faces("MASKED_OPTIMIZATION", wplus, faces, targets, goal, budget, call)
+        outcomes = await p.refine_faces("MASKED_OPTIMIZATION", wplus, faces, targets, goal, budget, call,
+                                        fusion_weight)
         return np.stack([o.wplus for o in outcomes]), _no_style(len(wplus), p)
 
     return EditPlan(apply=apply, regions=goal.regions)

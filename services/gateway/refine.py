@@ -58,6 +58,8 @@ REFINE_INPUTS = {
     "targets": ("FP32", [1, -1]),
     "weights": ("FP32", [1, -1]),
     "regions": ("BOOL", [1, -1]),
+    "content": ("FP32", [1, -1, -1, -1]),
+    "fusion_weight": ("FP32", [1]),
     "steps": ("INT32", [1]),
     "time_budget_s": ("FP32", [1]),
 }
@@ -105,6 +107,8 @@ class RefineJob:
     regions: np.ndarray        # bool [C]: the parser classes the method may change (none: the targets')
     steps: int
     time_budget_s: float
+    content: np.ndarray | None = None   # [C, r, r] the face's content features: MASKED_OPTIMIZATION
+    fusion_weight: float = 0.0          # runs through the content-fused synthesis at this weight
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -114,6 +118,10 @@ class RefineJob:
             "targets": np.ascontiguousarray(self.targets[None], dtype=np.float32),
             "weights": np.ascontiguousarray(self.weights[None], dtype=np.float32),
             "regions": np.ascontiguousarray(self.regions[None], dtype=np.bool_),
+            # without content fusion the model ignores `content`: one zero stands in
+            "content": np.ascontiguousarray((self.content if self.content is not None
+                                             else np.zeros((1, 1, 1), np.float32))[None], dtype=np.float32),
+            "fusion_weight": np.array([self.fusion_weight if self.content is not None else 0.0], dtype=np.float32),
             "steps": np.array([self.steps], dtype=np.int32),
             "time_budget_s": np.array([self.time_budget_s], dtype=np.float32),
         }
