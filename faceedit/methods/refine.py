@@ -63,6 +63,16 @@ Hyper = EmbeddingConfig | StyleInterventionConfig | MaskFaceGANConfig
 Progress = Callable[[int, int, float], None]
 
 
+def _sorted_pairs(value, field: str) -> tuple[tuple[str, float], ...]:
+    """{name: number} (or (name, number) pairs) -> pairs sorted by name; ValueError naming
+    RefineRequest.`field`."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    try:
+        return tuple(sorted((str(name), float(number)) for name, number in pairs))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"RefineRequest.{field}: must map attribute names to numbers, got {value!r}") from exc
+
+
 @dataclass(frozen=True)
 class RefineRequest:
     """One optimization job. `targets` maps attribute names to target classifier outputs (a
@@ -89,11 +99,7 @@ class RefineRequest:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"RefineRequest.method: must be one of {METHODS}, got {self.method!r}")
-        pairs = self.targets.items() if isinstance(self.targets, Mapping) else self.targets
-        try:
-            pairs = tuple(sorted((str(name), float(value)) for name, value in pairs))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"RefineRequest.targets: must map attribute names to numbers, got {self.targets!r}") from exc
+        pairs = _sorted_pairs(self.targets, "targets")
         object.__setattr__(self, "targets", pairs)
         names = [name for name, _ in pairs]
         if len(set(names)) != len(names):
@@ -103,11 +109,7 @@ class RefineRequest:
                 raise ValueError("RefineRequest.targets: attribute names must be non-empty")
             if not math.isfinite(value):
                 raise ValueError(f"RefineRequest.targets[{name!r}]: must be finite, got {value}")
-        weights = self.weights.items() if isinstance(self.weights, Mapping) else self.weights
-        try:
-            weights = tuple(sorted((str(name), float(value)) for name, value in weights))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"RefineRequest.weights: must map attribute names to numbers, got {self.weights!r}") from exc
+        weights = _sorted_pairs(self.weights, "weights")
         object.__setattr__(self, "weights", weights)
         if weights and [name for name, _ in weights] != names:
             raise ValueError(f"RefineRequest.weights: must name exactly the targets {names}, got "
