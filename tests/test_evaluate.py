@@ -4,6 +4,7 @@ backend, checking the JSON report's schema."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -322,3 +323,45 @@ def test_eval_end_to_end_writes_the_fixed_json_schema(scripted_set, tmp_path):
     np.testing.assert_array_equal(tile(1, 3), gallery.truths[0, 0])
     with pytest.raises(ValueError, match="figure"):
         write_figure(gallery, result, tmp_path / "none.png", variant="sefa")
+
+
+def test_only_a_fusion_aware_method_edits_again_for_its_fused_variant(scripted_set, monkeypatch):
+    # MaskFaceGAN with fusion optimizes through the content branch: its fused row asks the
+    # gateway for fusion and runs its own edit; the other methods' rows share one edit
+    from faceedit.world import evaluate as ev_module
+    from services.gateway.config import GatewayConfig
+    from services.gateway.metrics import GatewayMetrics
+    from services.gateway.pipeline import AlignerLoader, Pipeline
+
+    root, manifest = scripted_set
+    manifest = dataclasses.replace(manifest, classifier_attributes=A_NAMES)   # as a set with the optimization methods
+    config = GatewayConfig(model_set=root)
+    pipeline = Pipeline(config, manifest, ScriptedBackend(), AlignerLoader(config.aligner), GatewayMetrics())
+    ev = ev_module.Evaluation(pipeline, None, EvalConfig(n_faces=2, optimization_faces=1))
+    faces = ev_module.held_out_faces(HELD_OUT_SEED_START, 2, R)
+    tasks = tuple(ev_module.edit_tasks(faces.attributes, ev.specs, 0.8))
+    wplus = np.zeros((2, L, D), np.float32)
+    seen = []
+
+    async def produce(base, task, w, image, tables, fusion_weight=None):
+        seen.append((base, task.face, task.name, fusion_weight))
+        return ev_module.Produced(w, np.zeros((1, manifest.style_total), np.float32), (), 0.0)
+
+    monkeypatch.setattr(ev, "produce", produce)
+    asyncio.run(ev.run_base("mapper", ("mapper", "mapper_fused"), tasks, faces, wplus, {}))
+    assert seen == [("mapper", t.face, t.name, None) for t in tasks]
+    seen.clear()
+    out = asyncio.run(ev.run_base("masked_optimization", ("masked_optimization", "masked_optimization_fused"), tasks,
+                                  faces, wplus, {}))
+    # the first face only (optimization_faces), the attributes with parser regions only
+    assert seen == [("masked_optimization", 0, name, weight) for name in ("smile", "eyeglasses")
+                    for weight in (None, ev.edit_fusion_weight)]
+    assert out["masked_optimization_fused"].applicable.sum() == 2
+    assert request_fusion(ev, tasks[0], faces) == (False, True)
+
+
+def request_fusion(ev, task, faces) -> tuple[bool, bool]:
+    """Whether the EditRequest asks for content fusion, without and with a fusion weight."""
+    image = faces.images[task.face]
+    return (ev.request("mapper", task, image, {}).fusion.enabled,
+            ev.request("mapper", task, image, {}, ev.edit_fusion_weight).fusion.enabled)

@@ -502,14 +502,15 @@ class Evaluation:
         """The gateway's validated plan of a request (InvalidArgument if it refuses it)."""
         return self.pipeline.methods[request.method].plan(self.pipeline, request)
 
-    def request(self, base: str, task: EditTask, image: np.ndarray, tables: dict, fused: bool = False):
-        """The EditRequest a client would send for this edit (`fused`: with content fusion,
-        which only methods in FUSION_AWARE_METHODS read before the synthesize stage)."""
+    def request(self, base: str, task: EditTask, image: np.ndarray, tables: dict,
+                fusion_weight: float | None = None):
+        """The EditRequest a client would send for this edit (with a fusion weight: asking for
+        content fusion, which only FUSION_AWARE_METHODS read before the synthesize stage)."""
         pb = self.pb
         method = self.method_of(base)
         request = pb.EditRequest(method=method, image=png_bytes(image))
-        if fused:
-            request.fusion.CopyFrom(pb.Fusion(enabled=True, weight=self.edit_fusion_weight))
+        if fusion_weight is not None:
+            request.fusion.CopyFrom(pb.Fusion(enabled=True, weight=fusion_weight))
         if base in ("ganspace", "sefa"):
             from services.gateway.pipeline import UNSUPERVISED_RANGE
 
@@ -528,12 +529,12 @@ class Evaluation:
         return request
 
     async def produce(self, base: str, task: EditTask, wplus: np.ndarray, image: np.ndarray, tables: dict,
-                      fused: bool = False) -> Produced:
+                      fusion_weight: float | None = None) -> Produced:
         """Plan and apply one edit of one face code wplus [1, L, D] (image: its aligned crop)."""
         from services.gateway.errors import InvalidArgument
         from services.gateway.refine import RefineRejected
 
-        request = self.request(base, task, image, tables, fused)
+        request = self.request(base, task, image, tables, fusion_weight)
         start = time.perf_counter()
         try:
             plan = self.plan(request)
@@ -584,8 +585,9 @@ class Evaluation:
                 fused = v.endswith(FUSED_SUFFIX)
                 through_content = fused and base in FUSION_AWARE_METHODS
                 if through_content not in edits:
-                    edits[through_content] = await self.produce(base, task, wplus[task.face:task.face + 1], image,
-                                                                tables, through_content)
+                    edits[through_content] = await self.produce(
+                        base, task, wplus[task.face:task.face + 1], image, tables,
+                        self.edit_fusion_weight if through_content else None)
                 produced = edits[through_content]
                 out, seconds = await self.finish(produced, image, wplus[task.face:task.face + 1], fused)
                 o = outputs[v]
