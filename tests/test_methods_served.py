@@ -43,8 +43,7 @@ from faceedit.world.trainers.common import KIND_CLASSIFIER, KIND_PARSER, save_ge
 from services.gateway import align
 from services.gateway import refine as gateway_refine
 from services.gateway.config import GatewayConfig
-from services.gateway.pipeline import HOLD_WEIGHT
-from services.gateway.pipeline import expression_layers, to_image, to_tensor
+from services.gateway.pipeline import HOLD_WEIGHT, expression_layers, to_image, to_tensor
 from test_gateway_models import array, decoded, detectable_photo
 from test_gateway_server import ServerThread, metric_value, png_bytes, status_of
 
@@ -392,9 +391,9 @@ def test_optimization_and_masked_optimization_of_a_photo(gateway, photo, manifes
     np.testing.assert_allclose(array(face.edited_latent), refined + 0.5 * smile, atol=1e-4)
     assert [t.stage for t in r.timings] == ["decode", "align", "invert", "edit", "synthesize", "fuse", "paste", "encode"]
 
-    r = gateway.stub.Edit(pb.EditRequest(image=png_bytes(photo), method=pb.EDIT_METHOD_MASKED_OPTIMIZATION,
-                                         edits=[pb.AttributeEdit(name="eyeglasses", strength=-0.4)]), timeout=60)
-    (face,) = r.faces
+    masked = pb.EditRequest(image=png_bytes(photo), method=pb.EDIT_METHOD_MASKED_OPTIMIZATION,
+                            edits=[pb.AttributeEdit(name="eyeglasses", strength=-0.4)])
+    (face,) = gateway.stub.Edit(masked, timeout=60).faces
     logits = classifier_logits(model_set, manifest, crop)
     expected = refiner.run(target_request("MASKED_OPTIMIZATION", manifest, logits, {"eyeglasses": -0.4}, STEPS),
                            torch.from_numpy(array(face.latent)[None].copy()), image).wplus[0].numpy()
@@ -403,9 +402,8 @@ def test_optimization_and_masked_optimization_of_a_photo(gateway, photo, manifes
 
     # with content fusion the optimization runs through the content-fused synthesis, with the
     # served content encoder's features of the face
-    r = gateway.stub.Edit(pb.EditRequest(image=png_bytes(photo), method=pb.EDIT_METHOD_MASKED_OPTIMIZATION,
-                                         edits=[pb.AttributeEdit(name="eyeglasses", strength=-0.4)],
-                                         fusion=pb.Fusion(enabled=True, weight=0.5)), timeout=60)
+    masked.fusion.CopyFrom(pb.Fusion(enabled=True, weight=0.5))
+    r = gateway.stub.Edit(masked, timeout=60)
     content = session(model_set, "content_encoder").run(None, {"image": image.numpy()})[0]
     fused = refiner.run(target_request("MASKED_OPTIMIZATION", manifest, logits, {"eyeglasses": -0.4}, STEPS,
                                        fusion_weight=0.5),

@@ -57,6 +57,11 @@ class Optimization(Protocol):
 # target attributes
 
 
+def usable_weights(weights: Sequence[float]) -> bool:
+    """Attribute-loss weights: finite, >= 0 and not all 0 (the loss must pull somewhere)."""
+    return all(math.isfinite(w) and w >= 0 for w in weights) and any(w > 0 for w in weights)
+
+
 @dataclass(frozen=True)
 class Targets:
     """Target values of some classifier outputs: indices into the classifier's logits, the
@@ -81,7 +86,7 @@ class Targets:
             object.__setattr__(self, "weights", (1.0 / len(self.indices),) * len(self.indices))
         if len(self.weights) != len(self.indices):
             raise ValueError(f"targets: {len(self.indices)} indices but {len(self.weights)} weights")
-        if not all(math.isfinite(w) and w >= 0 for w in self.weights) or not any(w > 0 for w in self.weights):
+        if not usable_weights(self.weights):
             raise ValueError(f"targets: weights must be finite, >= 0 and not all 0, got {list(self.weights)}")
 
 

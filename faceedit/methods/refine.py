@@ -39,7 +39,8 @@ from torch import nn
 
 from faceedit.checkpoint import load_own
 from faceedit.loaders.stylegan2 import load_generator
-from faceedit.methods import MethodResult, Optimization, check_image, region_classes, targets_for
+from faceedit.methods import (MethodResult, Optimization, check_image, region_classes, targets_for,
+                              usable_weights)
 from faceedit.methods.embedding import EmbeddingConfig, Image2StyleGANEmbedding
 from faceedit.methods.maskfacegan import MaskFaceGAN, MaskFaceGANConfig
 from faceedit.methods.perceptual import (CLASSIFIER_PERCEPTUAL, DEFAULT_PERCEPTUAL, IMAGE2STYLEGAN_VGG16,
@@ -114,7 +115,7 @@ class RefineRequest:
         if weights and [name for name, _ in weights] != names:
             raise ValueError(f"RefineRequest.weights: must name exactly the targets {names}, got "
                              f"{[name for name, _ in weights]}")
-        if weights and not (all(math.isfinite(w) and w >= 0 for _, w in weights) and any(w > 0 for _, w in weights)):
+        if weights and not usable_weights([w for _, w in weights]):
             raise ValueError(f"RefineRequest.weights: must be finite, >= 0 and not all 0, got {dict(weights)}")
         regions = (self.regions,) if isinstance(self.regions, str) else tuple(self.regions)
         if not all(isinstance(r, str) and r for r in regions) or len(set(regions)) != len(regions):
